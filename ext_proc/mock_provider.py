@@ -838,7 +838,8 @@ class MockProviderThread:
         return self.provider.request_count
 
     def reset(self) -> None:
-        self._loop.call_soon_threadsafe(self.provider.reset)
+        # Clearing a deque and rebinding an int are atomic under the GIL, so no loop hop is needed.
+        self.provider.reset()
 
     def stop(self) -> None:
         if self._thread.is_alive():
