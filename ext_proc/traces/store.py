@@ -1,0 +1,138 @@
+"""The trace store: one clickhouse-connect client on chDB or a ClickHouse server.
+
+A chDB store can be opened by one process only, so only the collector (or the CLI when
+no collector runs) creates a ``TraceStore``. Every call on a store must come from the
+thread that opened it. The collector keeps it inside its writer thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from ext_proc.traces import CLICKHOUSE_URL_ENV, clickhouse_dsn, clickhouse_store_path
+from ext_proc.traces.rows import STEP_COLUMNS, TRACE_COLUMNS, ColumnBatch
+from ext_proc.traces.schema import Retention, apply_retention, migrate
+
+logger = logging.getLogger(__name__)
+
+# The embedded engine keeps no query log of its own on disk, and this also stops the
+# in-memory one from growing in a long-running collector.
+_EMBEDDED_SETTINGS = {"log_queries": 0}
+
+
+class StoreError(Exception):
+    """The trace store could not be opened, written or read."""
+
+
+class QueryError(StoreError):
+    """The store rejected a query (invalid SQL, unknown column, write in read-only mode)."""
+
+
+class TraceStore:
+    """Opened, migrated trace store with insert and read-only query operations."""
+
+    def __init__(self, client, description: str) -> None:
+        self.client = client
+        self.description = description
+        self._column_types: dict[str, list] = {}
+
+    @classmethod
+    def open(
+        cls,
+        home: Path,
+        clickhouse_url: str | None = None,
+        retention: Retention | None = None,
+        read_only: bool = False,
+    ) -> TraceStore:
+        """Connect, apply pending migrations and retention (unless ``read_only``)."""
+        url = clickhouse_url if clickhouse_url is not None else os.environ.get(CLICKHOUSE_URL_ENV)
+        try:
+            if url:
+                client = clickhouse_connect.get_client(dsn=url)
+                description = _describe_url(url)
+            else:
+                clickhouse_store_path(home).mkdir(parents=True, exist_ok=True)
+                client = clickhouse_connect.get_client(
+                    dsn=clickhouse_dsn(home), settings=_EMBEDDED_SETTINGS
+                )
+                description = f"chdb {clickhouse_store_path(home)}"
+            if not read_only:
+                migrate(client)
+                apply_retention(client, retention or Retention())
+        except (ClickHouseError, OSError) as exc:
+            raise StoreError(f"cannot open trace store: {exc}") from exc
+        return cls(client, description)
+
+    def insert(self, batch: ColumnBatch, token: str) -> None:
+        """Insert one batch; a retry with the same ``token`` writes nothing twice."""
+        try:
+            if batch.trace_count:
+                self._insert("traces", TRACE_COLUMNS, batch.traces, f"{token}-traces")
+            if batch.step_count:
+                self._insert("trace_steps", STEP_COLUMNS, batch.steps, f"{token}-steps")
+        except (ClickHouseError, OSError) as exc:
+            raise StoreError(f"insert failed: {exc}") from exc
+
+    def _insert(self, table: str, names: tuple, columns: list, token: str) -> None:
+        types = self._column_types.get(table)
+        if types is None:
+            context = self.client.create_insert_context(table, list(names))
+            types = self._column_types[table] = list(context.column_types)
+        self.client.insert(
+            table,
+            columns,
+            column_names=list(names),
+            column_types=types,
+            column_oriented=True,
+            settings={"insert_deduplication_token": token},
+        )
+
+    def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:
+        """Run ``sql`` read-only with server-side bound ``parameters``."""
+        try:
+            result = self.client.query(sql, parameters=parameters, settings={"readonly": 1})
+        except ClickHouseError as exc:
+            raise QueryError(str(exc)) from exc
+        return list(result.column_names), result.result_rows
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _describe_url(url: str) -> str:
+    # Keep the host and database, never the credentials.
+    parts = urlsplit(url)
+    return f"clickhouse {parts.scheme}://{parts.hostname}:{parts.port}{parts.path}"
+
+
+def json_value(value):
+    """Convert a value from a ClickHouse result into plain JSON data."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return value.isoformat()
+    if isinstance(value, (datetime.date, Decimal)):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(item) for item in value]
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode(errors="replace")
+    return value
+
+
+def rows_to_json(rows: list[tuple]) -> list[str]:
+    return [json.dumps(json_value(list(row)), ensure_ascii=False) for row in rows]

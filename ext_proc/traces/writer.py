@@ -1,0 +1,273 @@
+"""The collector's writer thread: batches traces into the store, spools them in outages.
+
+One thread owns the store and does all of its work: inserts, spool replay and the
+read-only queries of the Query RPC. clickhouse-connect is blocking, and a chDB client is
+kept on the thread that opened it.
+
+Order is kept across an outage. Once a batch has failed, later batches go straight to the
+spool, and the spool is replayed oldest first before new batches are written again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from ext_proc.pb import trace_pb2
+from ext_proc.traces.rows import RowBuilder
+from ext_proc.traces.spool import Spool, SpoolCorrupt
+from ext_proc.traces.store import StoreError, TraceStore
+
+logger = logging.getLogger(__name__)
+
+_ERROR_LOG_INTERVAL_S = 10.0
+_COUNTER_LOG_INTERVAL_S = 60.0
+
+
+@dataclass
+class WriterCounters:
+    """Traces by fate since start (cumulative), plus current backlog in memory."""
+
+    queued: int = 0
+    written: int = 0
+    spooled: int = 0
+    dropped: int = 0
+    failed_batches: int = 0
+    replayed: int = 0
+    pending: int = 0
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    batch_size: int = 5000
+    flush_interval_s: float = 0.2
+    max_pending: int = 100_000
+    retry_min_s: float = 0.2
+    retry_max_s: float = 10.0
+
+
+class PendingFull(Exception):
+    """The writer's in-memory backlog is full; the caller should retry later."""
+
+
+class TraceWriter:
+    """Thread that writes queued traces in batches and replays the spool after outages."""
+
+    def __init__(
+        self,
+        open_store: Callable[[], TraceStore],
+        builder: RowBuilder,
+        spool: Spool,
+        settings: WriterSettings = WriterSettings(),
+    ) -> None:
+        self.open_store = open_store
+        self.builder = builder
+        self.spool = spool
+        self.settings = settings
+        self.counters = WriterCounters()
+        self._store: TraceStore | None = None
+        self._pending: deque[trace_pb2.Trace] = deque()
+        self._jobs: deque[tuple[Callable, concurrent.futures.Future]] = deque()
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._deadline = float("inf")
+        self._oldest_pending_at = 0.0
+        self._retry_at = 0.0
+        self._retry_delay = settings.retry_min_s
+        self._last_error_log = 0.0
+        self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, traces: Sequence[trace_pb2.Trace]) -> None:
+        """Queue traces for writing; raise PendingFull when the backlog has no room."""
+        with self._condition:
+            if self._stopping or len(self._pending) + len(traces) > self.settings.max_pending:
+                raise PendingFull
+            if not self._pending:
+                self._oldest_pending_at = time.monotonic()
+            self._pending.extend(traces)
+            self.counters.queued += len(traces)
+            self.counters.pending = len(self._pending)
+            if len(self._pending) >= self.settings.batch_size:
+                self._condition.notify()
+
+    def call(self, function: Callable[[TraceStore], object]) -> concurrent.futures.Future:
+        """Run ``function(store)`` on the writer thread; the future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._condition:
+            self._jobs.append((function, future))
+            self._condition.notify()
+        return future
+
+    def stop(self, deadline_s: float = 5.0) -> None:
+        """Write what is queued within ``deadline_s``, spool the rest, close the store."""
+        with self._condition:
+            self._stopping = True
+            self._deadline = time.monotonic() + deadline_s
+            self._condition.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_counter_log = time.monotonic() + _COUNTER_LOG_INTERVAL_S
+        last_logged = asdict(self.counters)
+        while True:
+            jobs, batch, finished = self._wait_for_work()
+            for function, future in jobs:
+                self._run_job(function, future)
+            if batch:
+                self._write_or_spool(batch)
+            elif self.spool.oldest() is not None and time.monotonic() >= self._retry_at:
+                self._replay_oldest()
+            if finished:
+                break
+            if time.monotonic() >= next_counter_log:
+                next_counter_log = time.monotonic() + _COUNTER_LOG_INTERVAL_S
+                last_logged = self._log_counters(last_logged)
+        self._fail_waiting_jobs()
+        if self._store is not None:
+            self._store.close()
+        logger.info("trace writer stopped: %s", asdict(self.counters))
+
+    def _wait_for_work(self) -> tuple[list, list[trace_pb2.Trace], bool]:
+        settings = self.settings
+        with self._condition:
+            while True:
+                now = time.monotonic()
+                due = bool(self._pending) and (
+                    len(self._pending) >= settings.batch_size
+                    or now - self._oldest_pending_at >= settings.flush_interval_s
+                    or self._stopping
+                )
+                replay_due = self.spool.oldest() is not None and now >= self._retry_at
+                if due or self._jobs or replay_due or self._stopping:
+                    break
+                timeout = settings.flush_interval_s
+                if self._pending:
+                    timeout = self._oldest_pending_at + settings.flush_interval_s - now
+                if self.spool.oldest() is not None:
+                    timeout = min(timeout, self._retry_at - now)
+                self._condition.wait(max(timeout, 0.001))
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            batch = []
+            if due:
+                count = min(len(self._pending), settings.batch_size)
+                batch = [self._pending.popleft() for _ in range(count)]
+                self._oldest_pending_at = time.monotonic()
+            self.counters.pending = len(self._pending)
+            finished = self._stopping and not self._pending
+            if finished and self.spool.oldest() is not None and not self._past_deadline():
+                # Give replay a chance before closing when the store is back.
+                finished = time.monotonic() < self._retry_at
+            return jobs, batch, finished
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() >= self._deadline
+
+    def _run_job(self, function: Callable, future: concurrent.futures.Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(self._ensure_store()))
+        except Exception as exc:  # the caller receives the exception through the future
+            future.set_exception(exc)
+
+    def _fail_waiting_jobs(self) -> None:
+        with self._condition:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(StoreError("trace collector is stopping"))
+
+    def _ensure_store(self) -> TraceStore:
+        if self._store is None:
+            self._store = self.open_store()
+            logger.info("trace store opened: %s", self._store.description)
+        return self._store
+
+    def _write_or_spool(self, batch: list[trace_pb2.Trace]) -> None:
+        token = uuid.uuid4().hex
+        store_usable = self.spool.oldest() is None and time.monotonic() >= self._retry_at
+        if store_usable and not (self._stopping and self._past_deadline()):
+            try:
+                self._insert(batch, token)
+                self.counters.written += len(batch)
+                self._retry_delay = self.settings.retry_min_s
+                return
+            except StoreError as exc:
+                self.counters.failed_batches += 1
+                self._note_failure(exc, len(batch))
+        self._spool(batch, token)
+
+    def _insert(self, traces: Sequence[trace_pb2.Trace], token: str) -> None:
+        store = self._ensure_store()
+        store.insert(self.builder.build(list(traces)), token)
+
+    def _spool(self, batch: list[trace_pb2.Trace], token: str) -> None:
+        payload = trace_pb2.ExportRequest(traces=batch).SerializeToString()
+        try:
+            stored = self.spool.append(token, payload)
+        except OSError as exc:
+            logger.error("cannot write to trace spool %s: %s", self.spool.directory, exc)
+            stored = False
+        if stored:
+            self.counters.spooled += len(batch)
+            return
+        self.counters.dropped += len(batch)
+        self._log_error_limited(
+            "trace spool %s is full (%d bytes, limit %d): dropped %d traces, %d in total",
+            self.spool.directory,
+            self.spool.size_bytes,
+            self.spool.limit_bytes,
+            len(batch),
+            self.counters.dropped,
+        )
+
+    def _replay_oldest(self) -> None:
+        path = self.spool.oldest()
+        try:
+            token, payload = self.spool.read(path)
+        except (SpoolCorrupt, OSError) as exc:
+            logger.error("moving unreadable spool file aside: %s", exc)
+            self.spool.quarantine(path)
+            return
+        request = trace_pb2.ExportRequest.FromString(payload)
+        try:
+            self._insert(request.traces, token)
+        except StoreError as exc:
+            # NOTE: a batch the store rejects for its content is retried forever.
+            self._note_failure(exc, len(request.traces))
+            return
+        self.spool.remove(path)
+        count = len(request.traces)
+        self.counters.written += count
+        self.counters.replayed += count
+        self._retry_delay = self.settings.retry_min_s
+        if self.spool.oldest() is None:
+            logger.info("trace spool replayed; %d traces in total", self.counters.replayed)
+
+    def _note_failure(self, exc: Exception, count: int) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, self.settings.retry_max_s)
+        self._log_error_limited("trace store unavailable, spooling %d traces: %s", count, exc)
+
+    def _log_error_limited(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
+            self._last_error_log = now
+            logger.error(message, *args)
+
+    def _log_counters(self, last_logged: dict) -> dict:
+        current = asdict(self.counters)
+        if current != last_logged:
+            logger.info("trace writer counters: %s", current)
+        return current
