@@ -8,10 +8,10 @@ under any path prefix and returns 404 in the OpenAI error shape for anything els
 
 Request headers select a scenario per request:
 
-    x-mock-answer: TEXT            answer with TEXT instead of the default answer
-    x-mock-echo: 1                 answer with the text of the last user message
-    x-mock-tool-call: NAME[;ARGS]  answer with a call of function NAME (ARGS: JSON text, default {})
-    x-mock-status: CODE            fail with HTTP status CODE and an OpenAI error body
+    x-mock-answer: TEXT            reply with TEXT instead of DEFAULT_ANSWER
+    x-mock-echo: 1                 reply with the text of the last user message
+    x-mock-tool-call: NAME[;ARGS]  reply with a call of function NAME (ARGS: JSON text, default {})
+    x-mock-status: CODE            fail with HTTP status CODE (300-599) and an OpenAI error body
     x-mock-no-usage: 1             leave usage out (streams also lose their usage chunk)
     x-mock-delay-ms: N             wait N ms before the first byte
     x-mock-chunk-delay-ms: N       wait N ms between stream events
@@ -53,8 +53,13 @@ from typing import Any, Self
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ANSWER", "MockProvider", "MockProviderThread", "run_in_thread"]
-__all__ += ["start_mock_provider"]
+__all__ = [
+    "DEFAULT_ANSWER",
+    "MockProvider",
+    "MockProviderThread",
+    "run_in_thread",
+    "start_mock_provider",
+]
 
 DEFAULT_ANSWER = "Hello from the Xenovia mock provider."
 MODEL_DATE_SUFFIX = "-2024-07-18"
@@ -115,7 +120,7 @@ class _Scenario:
 
 
 def _parse_scenario(headers: dict[str, str]) -> _Scenario:
-    """Read the x-mock-* headers; raise ValueError on a malformed number."""
+    """Parse the x-mock-* headers. Raise ValueError on a malformed number."""
     get = headers.get
     scenario = _Scenario()
     if (answer := get("x-mock-answer")) is not None:
@@ -123,9 +128,13 @@ def _parse_scenario(headers: dict[str, str]) -> _Scenario:
         scenario.answer = answer.encode("latin-1").decode("utf-8", "replace")
     if tool_call := get("x-mock-tool-call"):
         name, _, arguments = tool_call.partition(";")
+        if not name.strip():
+            raise ValueError(
+                f"invalid x-mock-tool-call header {tool_call!r}: missing function name"
+            )
         scenario.tool_call = (name.strip(), arguments.strip() or "{}")
     if status := get("x-mock-status"):
-        scenario.status = _parse_int("x-mock-status", status, 100, 599)
+        scenario.status = _parse_int("x-mock-status", status, 300, 599)
     if delay := get("x-mock-delay-ms"):
         scenario.delay_ms = _parse_int("x-mock-delay-ms", delay, 0, 600_000)
     if chunk_delay := get("x-mock-chunk-delay-ms"):
@@ -161,7 +170,7 @@ def _served_model(requested: Any) -> str:
 
 
 def _count_words(value: Any) -> int:
-    """Estimate tokens as whitespace-separated words in message text; token ids count one each."""
+    """Estimate tokens as the whitespace-separated words of message text plus one per token id."""
     if isinstance(value, str):
         return len(value.split())
     if isinstance(value, list):
@@ -214,10 +223,15 @@ def _sse(payload: dict[str, Any], event: str | None = None) -> bytes:
     return b"event: " + event.encode() + b"\n" + data if event else data
 
 
-def _error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+def _invalid_request(message: str) -> tuple[int, dict[str, Any]]:
+    logger.warning("rejected invalid request: %s", message)
+    return 400, _error_body(400, message)
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
     default_type = "server_error" if status >= 500 else "invalid_request_error"
-    error_type, default_code = _ERROR_KINDS.get(status, (default_type, None))
-    error = {"message": message, "type": error_type, "param": None, "code": code or default_code}
+    error_type, code = _ERROR_KINDS.get(status, (default_type, None))
+    error = {"message": message, "type": error_type, "param": None, "code": code}
     return {"error": error}
 
 
@@ -272,12 +286,14 @@ def _chat_usage(messages: Any, completion_tokens: int) -> dict[str, Any]:
     }
 
 
+def _stream_usage_requested(body: dict[str, Any], usage: dict[str, Any] | None) -> bool:
+    return usage is not None and bool((body.get("stream_options") or {}).get("include_usage"))
+
+
 def _chat_events(base, body, text, tool_call, call_id, usage) -> _Events:
     base = {**base, "object": "chat.completion.chunk"}
     # OpenAI sends usage only on request, and then every chunk carries "usage": null.
-    include_usage = usage is not None and bool(
-        (body.get("stream_options") or {}).get("include_usage")
-    )
+    include_usage = _stream_usage_requested(body, usage)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -426,9 +442,7 @@ def _completions(body: dict[str, Any], scenario: _Scenario) -> dict[str, Any] | 
 
     if not body.get("stream"):
         return {**base, "choices": [choice(text, "stop")]} | ({"usage": usage} if usage else {})
-    include_usage = usage is not None and bool(
-        (body.get("stream_options") or {}).get("include_usage")
-    )
+    include_usage = _stream_usage_requested(body, usage)
     extra = {"usage": None} if include_usage else {}
     events = [
         (_sse({**base, "choices": [choice(piece, None)]} | extra), True)
@@ -449,10 +463,11 @@ def _embeddings(body: dict[str, Any], scenario: _Scenario) -> dict[str, Any]:
     ):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs:
-        raise ValueError("'input' must be a non-empty string or array")
+        raise ValueError("invalid 'input': expected a non-empty string or array")
     dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
     if not isinstance(dimensions, int) or not 1 <= dimensions <= 4096:
         raise ValueError(f"invalid 'dimensions' {dimensions!r}: expected an integer 1..4096")
+
     as_base64 = body.get("encoding_format") == "base64"
     data = []
     for index, item in enumerate(inputs):
@@ -463,6 +478,7 @@ def _embeddings(body: dict[str, Any], scenario: _Scenario) -> dict[str, Any]:
         else:
             embedding = vector
         data.append({"object": "embedding", "index": index, "embedding": embedding})
+
     response = {
         "object": "list",
         "data": data,
@@ -496,7 +512,7 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         if exc.partial.strip():
-            raise _BadRequest("connection closed inside the request head") from exc
+            raise _BadRequest("connection closed before the end of the request head") from exc
         return None
     except asyncio.LimitOverrunError as exc:
         raise _BadRequest(f"request head is larger than {MAX_HEAD_BYTES} bytes") from exc
@@ -631,7 +647,7 @@ def _wants_close(request: _Request) -> bool:
 
 class MockProvider:
     """
-    A running mock provider on an asyncio event loop; create it with `start_mock_provider`.
+    A running mock provider on an asyncio event loop. Create it with `start_mock_provider`.
 
     `requests` lists the recorded API requests (method, full path, lower-cased headers, body
     text), oldest first, and `request_count` counts API requests even when recording is off.
@@ -696,7 +712,7 @@ class MockProvider:
                 try:
                     request = await _read_request(reader, writer)
                 except _BadRequest as exc:
-                    await _Output(writer, False, True).send_json(400, _error_body(400, str(exc)))
+                    await _Output(writer, False, True).send_json(*_invalid_request(str(exc)))
                     break
                 if request is None:
                     break
@@ -705,7 +721,7 @@ class MockProvider:
                 if close:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away in the middle of a request; nothing left to answer
+            pass  # the client disconnected mid-request, so no response can be sent
         except asyncio.CancelledError:
             # close() cancels open connections. Ending normally keeps asyncio's stream callback
             # from logging the cancellation as an error.
@@ -725,7 +741,7 @@ class MockProvider:
         try:
             scenario = _parse_scenario(request.headers)
         except ValueError as exc:
-            await _Output(writer, False, close).send_json(400, _error_body(400, str(exc)))
+            await _Output(writer, False, close).send_json(*_invalid_request(str(exc)))
             return
         out = _Output(writer, scenario.gzip, close)
 
@@ -747,7 +763,7 @@ class MockProvider:
         handler = _ENDPOINTS.get(endpoint.rstrip("/")) if marker else None
         if handler is None or request.method != "POST":
             return 404, _error_body(404, f"Invalid URL ({request.method} {path})")
-        if scenario.status is not None and scenario.status >= 300:
+        if scenario.status is not None:
             message = f"Mock provider error {scenario.status} requested by x-mock-status."
             return scenario.status, _error_body(scenario.status, message)
         try:
@@ -755,12 +771,11 @@ class MockProvider:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            message = "We could not parse the JSON body of your request: expected a JSON object."
-            return 400, _error_body(400, message)
+            return _invalid_request("invalid request body: expected a JSON object")
         try:
             return 200, handler(body, scenario)
         except ValueError as exc:
-            return 400, _error_body(400, str(exc))
+            return _invalid_request(str(exc))
 
     async def _control(self, method: str, path: str, out: _Output) -> None:
         if method == "GET" and path == "/_mock/health":
@@ -778,9 +793,9 @@ async def start_mock_provider(
     host: str = "127.0.0.1", port: int = 0, **options: Any
 ) -> MockProvider:
     """
-    Start a mock provider on the running loop; port 0 binds a free port.
+    Start a mock provider on the running loop. Port 0 binds a free port.
 
-    Options: latency_ms (delay before every answer), require_key (expected bearer key),
+    Options: latency_ms (delay before every response), require_key (expected bearer key),
     record (keep request records), max_recorded, split_pause_ms (pause of x-mock-split-event).
     """
     provider = MockProvider(**options)
@@ -866,9 +881,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m ext_proc.mock_provider", description="OpenAI-compatible mock LLM provider."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free port")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (0 picks a free port)")
     parser.add_argument("--port-file", type=Path, help="file to write the bound port to")
-    parser.add_argument("--latency-ms", type=int, default=0, help="delay before every answer, ms")
+    parser.add_argument(
+        "--latency-ms", type=int, default=0, help="delay before every response, in ms"
+    )
     parser.add_argument("--require-key", help="reject requests without 'Authorization: Bearer KEY'")
     parser.add_argument("--no-record", action="store_true", help="count requests, keep no records")
     return parser.parse_args(argv)

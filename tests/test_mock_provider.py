@@ -52,7 +52,7 @@ def chat(client, stream=False, headers=None, **params):
 
 
 def raw_request(provider, method, path, body=None, headers=None):
-    """Send one request over http.client; return (status, headers, raw body bytes)."""
+    """Send one request over http.client and return (status, headers, raw body bytes)."""
     connection = http.client.HTTPConnection("127.0.0.1", provider.port, timeout=10)
     try:
         data = json.dumps(body).encode() if body is not None else None
@@ -309,11 +309,26 @@ def test_status_header_server_error(client):
     assert set(caught.value.body) == {"message", "type", "param", "code"}
 
 
-def test_status_header_invalid_value(client):
+@pytest.mark.parametrize("value", ["lots", "200", "600"])
+def test_status_header_invalid_value(client, value):
     with pytest.raises(openai.BadRequestError) as caught:
-        chat(client, headers={"x-mock-status": "lots"})
+        chat(client, headers={"x-mock-status": value})
 
     assert "x-mock-status" in caught.value.message
+
+
+def test_tool_call_header_without_name(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, headers={"x-mock-tool-call": ';{"a": 1}'})
+
+    assert "x-mock-tool-call" in caught.value.message
+
+
+def test_embeddings_invalid_input_is_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="text-embedding-3-small", input=[])
+
+    assert "'input'" in caught.value.message
 
 
 def test_no_usage_non_stream(client, provider):
