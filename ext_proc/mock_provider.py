@@ -441,7 +441,11 @@ def _completions(body: dict[str, Any], scenario: _Scenario) -> dict[str, Any] | 
         return {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish_reason}
 
     if not body.get("stream"):
-        return {**base, "choices": [choice(text, "stop")]} | ({"usage": usage} if usage else {})
+        response = {**base, "choices": [choice(text, "stop")]}
+        if usage is not None:
+            response["usage"] = usage
+        return response
+
     include_usage = _stream_usage_requested(body, usage)
     extra = {"usage": None} if include_usage else {}
     events = [
