@@ -1,0 +1,257 @@
+"""The ``xenovia`` command line.
+
+Scripts depend on these forms: ``proxy create`` prints only the proxy id and ``key create``
+only the key, on stdout; everything else a command has to say goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ext_proc import home as home_paths
+from ext_proc import keys, policy
+from ext_proc.registry import BODY_MODES, STAGES, STREAM_POLICY_MODES, RegistryEditor, RegistryError
+from ext_proc.upstream import UpstreamError
+
+logger = logging.getLogger(__name__)
+
+
+def _editor(args) -> RegistryEditor:
+    return RegistryEditor(home_paths.home_dir(args.home))
+
+
+def cmd_up(args) -> int:
+    from ext_proc.supervisor import GatewayProcesses, StartupError
+
+    home = home_paths.home_dir(args.home)
+    gateway = GatewayProcesses(home, args.port, args.admin_port, args.workers, args.listen)
+    try:
+        gateway.start()
+    except StartupError as exc:
+        logger.error("%s", exc)
+        gateway.stop()
+        return 1
+    print(f"Xenovia gateway listening on http://{args.listen}:{args.port} (home {home}); "
+          "Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        return gateway.wait()
+    finally:
+        gateway.stop()
+
+
+def cmd_proxy_create(args) -> int:
+    proxy_id = _editor(args).create_proxy(
+        name=args.name,
+        upstream_url=args.upstream_url,
+        upstream_key_env=args.upstream_key_env,
+        org_id=args.org,
+        environment=args.environment,
+        provider=args.provider,
+        stream_policy_mode=args.stream_policy_mode,
+        body_mode=args.body_mode,
+        body_limit=args.body_limit,
+    )
+    print(proxy_id)
+    return 0
+
+
+def cmd_proxy_update(args) -> int:
+    _editor(args).update_proxy(
+        args.proxy_id,
+        upstream_url=args.upstream_url,
+        upstream_key_env=args.upstream_key_env,
+        stream_policy_mode=args.stream_policy_mode,
+        body_mode=args.body_mode,
+        body_limit=args.body_limit,
+    )
+    return 0
+
+
+def cmd_proxy_list(args) -> int:
+    proxies = _editor(args).list_proxies()
+    if args.json:
+        for proxy in proxies:
+            print(json.dumps(proxy, sort_keys=True))
+        return 0
+    print(f"{'ID':<22} {'NAME':<20} {'ORG':<14} {'ENV':<8} {'POLICIES':<18} UPSTREAM")
+    for proxy in proxies:
+        stages = ",".join(sorted(proxy.get("policies", {}))) or "-"
+        print(f"{proxy['id']:<22} {proxy['name'][:20]:<20} {proxy.get('org_id', '')[:14]:<14} "
+              f"{proxy.get('environment', '')[:8]:<8} {stages:<18} {proxy['upstream_url']}")
+    return 0
+
+
+def cmd_key_create(args) -> int:
+    key = keys.generate_key()
+    _editor(args).create_key(args.proxy, keys.hash_key(key))
+    print(key)
+    return 0
+
+
+def cmd_key_revoke(args) -> int:
+    _editor(args).revoke_key(args.key_id)
+    print(f"revoked {args.key_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_key_list(args) -> int:
+    entries = _editor(args).list_keys()
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry, sort_keys=True))
+        return 0
+    print(f"{'ID':<22} {'PROXIES':<40} {'CREATED':<21} REVOKED")
+    for entry in entries:
+        print(f"{entry['id']:<22} {','.join(entry['proxies'])[:40]:<40} "
+              f"{entry.get('created_at', ''):<21} {entry.get('revoked_at', '-')}")
+    return 0
+
+
+def cmd_policy_attach(args) -> int:
+    path = Path(args.file)
+    try:
+        source = path.read_text()
+    except OSError as exc:
+        logger.error("cannot read %s: %s", path, exc)
+        return 2
+    try:
+        compiled = policy.compile_policy(source, path.name)
+    except policy.PolicyCompileError as exc:
+        print(f"error: policy not attached, it does not compile: {exc}", file=sys.stderr)
+        return 2
+    _editor(args).attach_policy(args.proxy, args.stage, path.name, source, compiled.sha256, args.dry_run)
+    mode = " in dry-run mode" if args.dry_run else ""
+    print(f"attached {path.name} to {args.proxy} at the {args.stage} stage{mode}", file=sys.stderr)
+    return 0
+
+
+def cmd_policy_detach(args) -> int:
+    _editor(args).detach_policy(args.proxy, args.stage)
+    return 0
+
+
+def cmd_policy_test(args) -> int:
+    try:
+        with open(args.input) as handle:
+            document = json.load(handle)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read input document {args.input}: {exc}", file=sys.stderr)
+        return 2
+    text, status = policy.run_policy_test(args.file, document, args.stage)
+    print(text)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xenovia", description="Xenovia Runtime AI governance gateway")
+    parser.add_argument("--home", default=None,
+                        help="home folder with the registry and state (default: $XENOVIA_HOME or ./.xenovia)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the gateway in the foreground")
+    up.add_argument("--port", type=int, default=8080, help="listener port (default 8080)")
+    up.add_argument("--listen", default="127.0.0.1", help="listener address (default 127.0.0.1)")
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port on 127.0.0.1")
+    up.add_argument("--workers", type=int, default=int(os.environ.get("XENOVIA_WORKERS", "1")),
+                    help="ext_proc worker processes (default 1)")
+    up.set_defaults(handler=cmd_up)
+
+    _add_proxy_commands(commands)
+    _add_key_commands(commands)
+    _add_policy_commands(commands)
+
+    from ext_proc.traces.commands import add_traces_parser
+
+    add_traces_parser(commands)
+    return parser
+
+
+def _add_proxy_commands(commands) -> None:
+    proxy = commands.add_parser("proxy", help="manage proxies").add_subparsers(dest="action", required=True)
+    create = proxy.add_parser("create", help="create a proxy; prints its id")
+    create.add_argument("--name", required=True)
+    create.add_argument("--upstream-url", required=True,
+                        help="provider base URL as an OpenAI client takes it, e.g. https://api.openai.com/v1")
+    create.add_argument("--upstream-key-env",
+                        help="environment variable of the gateway that holds the provider credential")
+    create.add_argument("--org", default="org_default", help="organisation id (default org_default)")
+    create.add_argument("--environment", default="dev", help="environment label (default dev)")
+    create.add_argument("--provider", default="openai", help="provider name recorded in traces")
+    _add_proxy_options(create)
+    create.set_defaults(handler=cmd_proxy_create)
+
+    update = proxy.add_parser("update", help="change a proxy's settings")
+    update.add_argument("proxy_id")
+    update.add_argument("--upstream-url")
+    update.add_argument("--upstream-key-env")
+    _add_proxy_options(update)
+    update.set_defaults(handler=cmd_proxy_update)
+
+    listing = proxy.add_parser("list", help="list proxies")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=cmd_proxy_list)
+
+
+def _add_proxy_options(parser) -> None:
+    parser.add_argument("--stream-policy-mode", choices=STREAM_POLICY_MODES,
+                        help="streams under a response policy: hold the answer until evaluated "
+                             "(default) or evaluate each event live")
+    parser.add_argument("--body-mode", choices=BODY_MODES,
+                        help="what traces keep of bodies: full (truncated), metadata or none")
+    parser.add_argument("--body-limit", type=int, help="bytes of each body kept in traces")
+
+
+def _add_key_commands(commands) -> None:
+    key = commands.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
+    create = key.add_parser("create", help="create a key; prints it once")
+    create.add_argument("--proxy", required=True, action="append",
+                        help="proxy id the key may use (repeat for several)")
+    create.set_defaults(handler=cmd_key_create)
+    revoke = key.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=cmd_key_revoke)
+    listing = key.add_parser("list", help="list key ids (never the keys)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=cmd_key_list)
+
+
+def _add_policy_commands(commands) -> None:
+    group = commands.add_parser("policy", help="manage Rego policies")
+    actions = group.add_subparsers(dest="action", required=True)
+    attach = actions.add_parser("attach", help="attach a policy to a proxy after compiling it")
+    attach.add_argument("--proxy", required=True)
+    attach.add_argument("--stage", required=True, choices=STAGES)
+    attach.add_argument("--dry-run", action="store_true",
+                        help="record what the policy would block in traces without blocking")
+    attach.add_argument("file")
+    attach.set_defaults(handler=cmd_policy_attach)
+    detach = actions.add_parser("detach", help="remove a proxy's policy for a stage")
+    detach.add_argument("--proxy", required=True)
+    detach.add_argument("--stage", required=True, choices=STAGES)
+    detach.set_defaults(handler=cmd_policy_detach)
+    test = actions.add_parser("test", help="evaluate a policy against an input document")
+    test.add_argument("file")
+    test.add_argument("--input", required=True, help="JSON file with the policy input document")
+    test.add_argument("--stage", choices=STAGES, default="request")
+    test.set_defaults(handler=cmd_policy_test)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.pop("RUST_BACKTRACE", None)
+    logging.basicConfig(level=os.environ.get("XENOVIA_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (RegistryError, UpstreamError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

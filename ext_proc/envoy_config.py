@@ -1,0 +1,36 @@
+"""Render envoy/envoy.yaml for one gateway instance."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def render_envoy_config(
+    *,
+    listen_port: int,
+    admin_port: int,
+    ext_proc_sockets: list[Path],
+    listen_address: str = "127.0.0.1",
+    upstream_ca_file: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> str:
+    endpoints = "\n".join(
+        f"        - endpoint: {{ address: {{ pipe: {{ path: {path} }} }} }}" for path in ext_proc_sockets
+    )
+    values = {
+        "listen_address": listen_address,
+        "listen_port": listen_port,
+        "admin_port": admin_port,
+        "ext_proc_endpoints": endpoints,
+        "max_body_bytes": max_body_bytes,
+        "upstream_ca_file": upstream_ca_file
+        or os.environ.get("XENOVIA_UPSTREAM_CA_FILE")
+        or SYSTEM_CA_FILE,
+    }
+    return string.Template(TEMPLATE_PATH.read_text()).substitute(values)

@@ -1,0 +1,107 @@
+"""State shared by every request a worker process handles.
+
+One ``Gateway`` lives on the worker's asyncio loop thread. Policy engines are built on
+that thread too, because a regorus engine may only be used by the thread that made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ext_proc import policy
+from ext_proc.registry import Proxy, Registry, RegistryWatcher
+from ext_proc.upstream import ResolvedAddressCheck
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    redis_url: str | None = None
+    # Response-stage policies and session resolution fail closed unless this is set.
+    fail_open: bool = False
+
+    @classmethod
+    def from_environment(cls, home: Path) -> "Settings":
+        return cls(home=home, redis_url=os.environ.get("XENOVIA_REDIS_URL") or None)
+
+
+class Gateway:
+    def __init__(self, settings: Settings, sessions, exporter) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.exporter = exporter
+        self.watcher = RegistryWatcher(settings.home)
+        self.address_check = ResolvedAddressCheck()
+        self._engines: dict[tuple, policy.PolicyEngine] = {}
+        self._engine_errors: dict[tuple, str] = {}
+        self._poll_task: asyncio.Task | None = None
+        self.watcher.poll()
+
+    @property
+    def registry(self) -> Registry:
+        return self.watcher.registry
+
+    def start(self) -> None:
+        self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_SECONDS)
+            try:
+                if self.watcher.poll():
+                    self._drop_stale_engines()
+            except Exception:
+                logger.exception("registry poll failed")
+
+    def _drop_stale_engines(self) -> None:
+        live = set()
+        for proxy in self.registry.proxies.values():
+            for stage in proxy.policies:
+                live.add(self._engine_key(proxy, stage))
+        for key in list(self._engines):
+            if key not in live:
+                del self._engines[key]
+        self._engine_errors = {k: v for k, v in self._engine_errors.items() if k in live}
+
+    @staticmethod
+    def _engine_key(proxy: Proxy, stage: str) -> tuple:
+        attachment = proxy.policies[stage]
+        return (proxy.id, stage, attachment.sha256, attachment.dry_run)
+
+    def policy_engine(self, proxy: Proxy, stage: str) -> "policy.PolicyEngine | None":
+        """Return the proxy's engine for the stage, None when no policy is attached.
+
+        Raises policy.PolicyCompileError when the attached source does not compile; the
+        caller fails closed.
+        """
+        if stage not in proxy.policies:
+            return None
+        key = self._engine_key(proxy, stage)
+        engine = self._engines.get(key)
+        if engine is not None:
+            return engine
+        if key in self._engine_errors:
+            raise policy.PolicyCompileError(self._engine_errors[key])
+        attachment = proxy.policies[stage]
+        source = self.registry.policy_sources.get((proxy.id, stage), "")
+        try:
+            compiled = policy.compile_policy(source, attachment.name)
+            engine = policy.PolicyEngine([(compiled, attachment.dry_run)], stage=stage)
+        except policy.PolicyCompileError as exc:
+            logger.error("policy %s for proxy %s does not compile: %s", attachment.name, proxy.id, exc)
+            self._engine_errors[key] = str(exc)
+            raise
+        self._engines[key] = engine
+        return engine

@@ -1,0 +1,254 @@
+"""What the gateway reads from OpenAI-format requests: route, endpoint and body fields.
+
+The four governed endpoints map onto one set of fields (model, stream, messages, tools,
+tool names, system prompt), so a policy written against ``input.tool_names`` works for
+chat completions and the Responses API alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ext_proc import errors
+from ext_proc.errors import GatewayError
+
+ROUTE_PATTERN = re.compile(r"^/a/([A-Za-z0-9_-]{1,64})/openai/v1(/[^?#]*)?(\?.*)?$")
+
+# Governed endpoint paths (after /openai/v1) and the request_type each one records.
+ENDPOINTS = {
+    "/chat/completions": "chat_completions",
+    "/responses": "responses",
+    "/embeddings": "embeddings",
+    "/completions": "completions",
+}
+
+MAX_PROPERTIES = 20
+MAX_PROPERTY_KEY_CHARS = 64
+MAX_PROPERTY_VALUE_CHARS = 512
+RESERVED_PROPERTY_PREFIX = "policy_"
+PROPERTY_HEADER_PREFIX = "x-xenovia-property-"
+
+# Headers whose values never reach a policy or a trace.
+SECRET_HEADERS = frozenset(
+    {"authorization", "x-xenovia-key", "proxy-authorization", "cookie", "x-api-key", "api-key"}
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    proxy_id: str
+    rest: str
+    query: str
+
+
+def parse_route(path: str) -> Route | None:
+    match = ROUTE_PATTERN.match(path)
+    if match is None:
+        return None
+    return Route(match.group(1), match.group(2) or "", match.group(3) or "")
+
+
+def parse_properties(headers: dict[str, str]) -> dict[str, str]:
+    """Collect ``X-Xenovia-Property-<name>`` headers; raise GatewayError on a broken limit."""
+    properties = {}
+    for name, value in headers.items():
+        if not name.startswith(PROPERTY_HEADER_PREFIX):
+            continue
+        key = name[len(PROPERTY_HEADER_PREFIX) :]
+        if not key:
+            raise _property_error("property header X-Xenovia-Property- has no property name")
+        if len(key) > MAX_PROPERTY_KEY_CHARS:
+            raise _property_error(
+                f"property name {key[:80]!r} is longer than {MAX_PROPERTY_KEY_CHARS} characters"
+            )
+        if key.startswith(RESERVED_PROPERTY_PREFIX):
+            raise _property_error(
+                f"property name {key!r} uses the reserved prefix {RESERVED_PROPERTY_PREFIX!r}"
+            )
+        if len(value) > MAX_PROPERTY_VALUE_CHARS:
+            raise _property_error(
+                f"property {key!r} value is longer than {MAX_PROPERTY_VALUE_CHARS} characters"
+            )
+        properties[key] = value
+    if len(properties) > MAX_PROPERTIES:
+        raise _property_error(
+            f"{len(properties)} X-Xenovia-Property headers sent; at most {MAX_PROPERTIES} allowed"
+        )
+    return properties
+
+
+def _property_error(message: str) -> GatewayError:
+    return GatewayError(400, errors.INVALID_PROPERTY, message)
+
+
+def policy_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Return the request headers a policy may see: secret values replaced, pseudo headers dropped."""
+    visible = {}
+    for name, value in headers.items():
+        if name.startswith(":"):
+            continue
+        visible[name] = "[REDACTED]" if name in SECRET_HEADERS else value
+    return visible
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(body: bytes) -> dict:
+    """Parse a request body; raise GatewayError 400 unless it is a JSON object."""
+    if not body:
+        raise GatewayError(400, errors.INVALID_JSON, "request body is empty; expected a JSON object")
+    try:
+        document = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, errors.INVALID_JSON, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise GatewayError(400, errors.INVALID_JSON, "request body must be a JSON object")
+    return document
+
+
+@dataclass
+class RequestFields:
+    """Normalised view of one request body, shared by policies, sessions and traces."""
+
+    model: str = ""
+    stream: bool = False
+    messages: list[dict] = field(default_factory=list)
+    tools: list = field(default_factory=list)
+    tool_names: list[str] = field(default_factory=list)
+    system_prompt: str = ""
+
+
+def extract_fields(request_type: str, body: dict) -> RequestFields:
+    model = body.get("model")
+    fields = RequestFields(model=model if isinstance(model, str) else "")
+    fields.stream = body.get("stream") is True
+    if request_type == "chat_completions":
+        fields.messages = _chat_messages(body.get("messages"))
+        fields.tools = _list(body.get("tools"))
+        fields.tool_names = _chat_tool_names(fields.tools)
+    elif request_type == "responses":
+        fields.messages = _responses_messages(body)
+        fields.tools = _list(body.get("tools"))
+        fields.tool_names = _responses_tool_names(fields.tools)
+    elif request_type == "completions":
+        fields.messages = [{"role": "user", "content": _text_of(body.get("prompt"))}]
+    for message in fields.messages:
+        if message.get("role") in ("system", "developer"):
+            fields.system_prompt = message.get("content", "")
+            break
+    return fields
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _text_of(content: Any) -> str:
+    """Flatten OpenAI content (a string or a list of parts) to text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def _chat_messages(raw: Any) -> list[dict]:
+    messages = []
+    for message in _list(raw):
+        if not isinstance(message, dict):
+            continue
+        entry = {"role": str(message.get("role", "")), "content": _text_of(message.get("content"))}
+        if isinstance(message.get("tool_calls"), list):
+            entry["tool_calls"] = message["tool_calls"]
+        if isinstance(message.get("tool_call_id"), str):
+            entry["tool_call_id"] = message["tool_call_id"]
+        messages.append(entry)
+    return messages
+
+
+def _chat_tool_names(tools: list) -> list[str]:
+    names = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        function = tool.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            names.append(function["name"])
+        elif isinstance(tool.get("name"), str):
+            names.append(tool["name"])
+        elif isinstance(tool.get("type"), str):
+            names.append(tool["type"])
+    return names
+
+
+def _responses_tool_names(tools: list) -> list[str]:
+    """Name function and custom tools by name, built-in tools (web_search, ...) by type."""
+    names = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            continue
+        if isinstance(tool.get("name"), str):
+            names.append(tool["name"])
+        elif isinstance(tool.get("type"), str):
+            names.append(tool["type"])
+    return names
+
+
+def _responses_messages(body: dict) -> list[dict]:
+    messages = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+        return messages
+    for item in _list(items):
+        if not isinstance(item, dict):
+            continue
+        item_type = item.get("type", "message")
+        if item_type == "message" or "role" in item:
+            messages.append(
+                {"role": str(item.get("role", "user")), "content": _text_of(item.get("content"))}
+            )
+        elif item_type == "function_call_output":
+            messages.append(
+                {
+                    "role": "tool",
+                    "content": _text_of(item.get("output")),
+                    "tool_call_id": str(item.get("call_id", "")),
+                }
+            )
+        elif item_type == "function_call":
+            call = {
+                "id": str(item.get("call_id", "")),
+                "type": "function",
+                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
+            }
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    return messages
+
+
+def flatten(document: Any, prefix: str = "", out: dict | None = None) -> dict:
+    """Flatten nested objects and lists to one level with dotted keys (``messages.0.role``)."""
+    if out is None:
+        out = {}
+    if isinstance(document, dict):
+        for key, value in document.items():
+            flatten(value, f"{prefix}{key}.", out)
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            flatten(value, f"{prefix}{index}.", out)
+    else:
+        out[prefix[:-1]] = document
+    return out

@@ -1,0 +1,317 @@
+"""The registry of proxies, keys and policy attachments, kept as files in the home folder.
+
+The CLI writes the files atomically; the running gateway polls them (``RegistryWatcher``)
+and swaps in a new immutable ``Registry`` when they change. A file that fails to parse is
+reported and the last good registry stays in force.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from ext_proc import home as home_paths
+from ext_proc.upstream import Upstream, parse_upstream_url
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("request", "response")
+STREAM_POLICY_MODES = ("hold", "live")
+BODY_MODES = ("full", "metadata", "none")
+DEFAULT_BODY_LIMIT = 16384
+
+
+class RegistryError(ValueError):
+    """A registry file is malformed, or a CLI change would make it inconsistent."""
+
+
+@dataclass(frozen=True)
+class PolicyAttachment:
+    stage: str
+    name: str
+    sha256: str
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Proxy:
+    id: str
+    name: str
+    org_id: str
+    environment: str
+    upstream_url: str
+    upstream: Upstream
+    provider: str = "openai"
+    upstream_key_env: str | None = None
+    stream_policy_mode: str = "hold"
+    body_mode: str = "full"
+    body_limit: int = DEFAULT_BODY_LIMIT
+    policies: Mapping[str, PolicyAttachment] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    sha256: str
+    org_id: str
+    proxy_ids: frozenset[str]
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Registry:
+    proxies: Mapping[str, Proxy]
+    keys_by_hash: Mapping[str, ApiKey]
+    # (proxy_id, stage) -> policy source text, read together with proxies.json.
+    policy_sources: Mapping[tuple[str, str], str]
+
+    @classmethod
+    def empty(cls) -> "Registry":
+        return cls(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def load_registry(home: Path) -> Registry:
+    """Read every registry file; raise RegistryError naming the file that is broken."""
+    proxies_doc = _read_json(home_paths.proxies_file(home), {"proxies": {}})
+    keys_doc = _read_json(home_paths.keys_file(home), {"keys": {}})
+    proxies = {pid: _parse_proxy(pid, raw) for pid, raw in proxies_doc.get("proxies", {}).items()}
+    keys = {}
+    for key_id, raw in keys_doc.get("keys", {}).items():
+        key = _parse_key(key_id, raw)
+        keys[key.sha256] = key
+    sources = {}
+    for proxy in proxies.values():
+        for stage in proxy.policies:
+            path = home_paths.policy_file(home, proxy.id, stage)
+            try:
+                sources[(proxy.id, stage)] = path.read_text()
+            except OSError as exc:
+                raise RegistryError(f"{path}: cannot read attached policy: {exc}") from exc
+    return Registry(MappingProxyType(proxies), MappingProxyType(keys), MappingProxyType(sources))
+
+
+def _read_json(path: Path, default: dict) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return default
+    except OSError as exc:
+        raise RegistryError(f"{path}: {exc}") from exc
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    if not isinstance(document, dict):
+        raise RegistryError(f"{path}: expected a JSON object at the top level")
+    return document
+
+
+def _parse_proxy(proxy_id: str, raw: dict) -> Proxy:
+    try:
+        policies = {
+            stage: PolicyAttachment(stage, entry["name"], entry["sha256"], bool(entry.get("dry_run")))
+            for stage, entry in raw.get("policies", {}).items()
+        }
+        unknown = set(policies) - set(STAGES)
+        if unknown:
+            raise RegistryError(f"proxy {proxy_id}: unknown policy stage {sorted(unknown)}")
+        return Proxy(
+            id=proxy_id,
+            name=raw["name"],
+            org_id=raw.get("org_id", "org_default"),
+            environment=raw.get("environment", "dev"),
+            upstream_url=raw["upstream_url"],
+            upstream=parse_upstream_url(raw["upstream_url"]),
+            provider=raw.get("provider", "openai"),
+            upstream_key_env=raw.get("upstream_key_env"),
+            stream_policy_mode=_choice(raw, "stream_policy_mode", STREAM_POLICY_MODES, "hold"),
+            body_mode=_choice(raw, "body_mode", BODY_MODES, "full"),
+            body_limit=int(raw.get("body_limit", DEFAULT_BODY_LIMIT)),
+            policies=MappingProxyType(policies),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, RegistryError):
+            raise
+        raise RegistryError(f"proxy {proxy_id}: invalid entry: {exc!r}") from exc
+
+
+def _choice(raw: dict, name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = raw.get(name, default)
+    if value not in allowed:
+        raise RegistryError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _parse_key(key_id: str, raw: dict) -> ApiKey:
+    try:
+        return ApiKey(
+            id=key_id,
+            sha256=raw["sha256"],
+            org_id=raw.get("org_id", "org_default"),
+            proxy_ids=frozenset(raw["proxies"]),
+            revoked=bool(raw.get("revoked_at")),
+        )
+    except (KeyError, TypeError) as exc:
+        raise RegistryError(f"key {key_id}: invalid entry: {exc!r}") from exc
+
+
+class RegistryWatcher:
+    """Reload the registry when its files change, keeping the last good one on errors.
+
+    ``poll()`` is cheap (a few ``stat`` calls) and is meant to run every second or so.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.registry = Registry.empty()
+        self._signature: tuple | None = None
+        self._failed_signature: tuple | None = None
+
+    def poll(self) -> bool:
+        """Reload if any file changed; return True when a new registry took effect."""
+        signature = self._signature_now()
+        if signature == self._signature or signature == self._failed_signature:
+            return False
+        try:
+            registry = load_registry(self.home)
+        except RegistryError as exc:
+            self._failed_signature = signature
+            logger.error("registry reload failed, keeping the previous one: %s", exc)
+            return False
+        self.registry = registry
+        self._signature = signature
+        self._failed_signature = None
+        logger.info(
+            "registry loaded: %d proxies, %d keys, %d policies",
+            len(registry.proxies),
+            len(registry.keys_by_hash),
+            len(registry.policy_sources),
+        )
+        return True
+
+    def _signature_now(self) -> tuple:
+        paths = [home_paths.proxies_file(self.home), home_paths.keys_file(self.home)]
+        config_dir = self.home / "config"
+        if config_dir.is_dir():
+            paths.extend(sorted(config_dir.glob("policy.*.rego")))
+        entries = []
+        for path in paths:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                entries.append((str(path), None))
+                continue
+            entries.append((str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(entries)
+
+
+class RegistryEditor:
+    """Change the registry files on behalf of the CLI."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def _proxies_doc(self) -> dict:
+        return _read_json(home_paths.proxies_file(self.home), {"proxies": {}})
+
+    def _keys_doc(self) -> dict:
+        return _read_json(home_paths.keys_file(self.home), {"keys": {}})
+
+    def create_proxy(self, **fields) -> str:
+        parse_upstream_url(fields["upstream_url"])
+        document = self._proxies_doc()
+        proxy_id = new_id("prx")
+        entry = {key: value for key, value in fields.items() if value is not None}
+        entry["created_at"] = _now_iso()
+        document.setdefault("proxies", {})[proxy_id] = entry
+        _parse_proxy(proxy_id, entry)
+        home_paths.write_json(home_paths.proxies_file(self.home), document)
+        return proxy_id
+
+    def update_proxy(self, proxy_id: str, **fields) -> None:
+        document = self._proxies_doc()
+        entry = self._require_proxy(document, proxy_id)
+        entry.update({key: value for key, value in fields.items() if value is not None})
+        _parse_proxy(proxy_id, entry)
+        home_paths.write_json(home_paths.proxies_file(self.home), document)
+
+    def list_proxies(self) -> list[dict]:
+        proxies = self._proxies_doc().get("proxies", {})
+        return [{"id": proxy_id, **entry} for proxy_id, entry in sorted(proxies.items())]
+
+    def create_key(self, proxy_ids: list[str], key_hash: str) -> str:
+        proxies = self._proxies_doc().get("proxies", {})
+        for proxy_id in proxy_ids:
+            if proxy_id not in proxies:
+                raise RegistryError(f"proxy {proxy_id!r} not found; see `xenovia proxy list`")
+        org_id = proxies[proxy_ids[0]].get("org_id", "org_default")
+        document = self._keys_doc()
+        key_id = new_id("key")
+        document.setdefault("keys", {})[key_id] = {
+            "sha256": key_hash,
+            "proxies": sorted(proxy_ids),
+            "org_id": org_id,
+            "created_at": _now_iso(),
+        }
+        home_paths.write_json(home_paths.keys_file(self.home), document, mode=0o600)
+        return key_id
+
+    def revoke_key(self, key_id: str) -> None:
+        document = self._keys_doc()
+        entry = document.get("keys", {}).get(key_id)
+        if entry is None:
+            raise RegistryError(f"key {key_id!r} not found; see `xenovia key list`")
+        entry.setdefault("revoked_at", _now_iso())
+        home_paths.write_json(home_paths.keys_file(self.home), document, mode=0o600)
+
+    def list_keys(self) -> list[dict]:
+        keys = self._keys_doc().get("keys", {})
+        return [
+            {"id": key_id, **{k: v for k, v in entry.items() if k != "sha256"}}
+            for key_id, entry in sorted(keys.items())
+        ]
+
+    def attach_policy(
+        self, proxy_id: str, stage: str, name: str, source: str, sha256: str, dry_run: bool
+    ) -> None:
+        document = self._proxies_doc()
+        entry = self._require_proxy(document, proxy_id)
+        # The policy file is written first: a watcher that sees the new attachment then
+        # always finds the matching source.
+        home_paths.write_atomically(home_paths.policy_file(self.home, proxy_id, stage), source.encode())
+        entry.setdefault("policies", {})[stage] = {
+            "name": name,
+            "sha256": sha256,
+            "dry_run": dry_run,
+            "attached_at": _now_iso(),
+        }
+        home_paths.write_json(home_paths.proxies_file(self.home), document)
+
+    def detach_policy(self, proxy_id: str, stage: str) -> None:
+        document = self._proxies_doc()
+        entry = self._require_proxy(document, proxy_id)
+        if entry.get("policies", {}).pop(stage, None) is None:
+            raise RegistryError(f"proxy {proxy_id} has no {stage}-stage policy")
+        home_paths.write_json(home_paths.proxies_file(self.home), document)
+        home_paths.policy_file(self.home, proxy_id, stage).unlink(missing_ok=True)
+
+    @staticmethod
+    def _require_proxy(document: dict, proxy_id: str) -> dict:
+        entry = document.get("proxies", {}).get(proxy_id)
+        if entry is None:
+            raise RegistryError(f"proxy {proxy_id!r} not found; see `xenovia proxy list`")
+        return entry
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,252 @@
+"""Server-sent events: reassembly across network chunks, and the model output they carry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SseEvent:
+    raw: bytes
+    event: str = ""
+    data: str = ""
+
+    @property
+    def is_done_marker(self) -> bool:
+        return self.data == "[DONE]"
+
+    def json(self) -> dict | None:
+        if not self.data or self.is_done_marker:
+            return None
+        try:
+            value = json.loads(self.data)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+
+class SseReassembler:
+    """Split a byte stream into complete events, keeping a partial event for the next chunk."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    @property
+    def pending(self) -> bytes:
+        return self._pending
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        buffer = self._pending + chunk if self._pending else chunk
+        events = []
+        start = 0
+        while True:
+            end, separator = _next_boundary(buffer, start)
+            if end < 0:
+                break
+            events.append(parse_event(buffer[start : end + separator]))
+            start = end + separator
+        self._pending = buffer[start:]
+        return events
+
+
+def _next_boundary(buffer: bytes, start: int) -> tuple[int, int]:
+    lf = buffer.find(b"\n\n", start)
+    crlf = buffer.find(b"\r\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 4
+    return lf, 2
+
+
+def parse_event(raw: bytes) -> SseEvent:
+    event = SseEvent(raw)
+    data_lines = []
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if line.startswith("data:"):
+            data_lines.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
+        elif line.startswith("event:"):
+            event.event = line[6:].strip()
+    event.data = "\n".join(data_lines)
+    return event
+
+
+def encode_event(data: dict, event: str = "") -> bytes:
+    prefix = f"event: {event}\n".encode() if event else b""
+    return prefix + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass
+class ToolCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def as_input(self) -> dict:
+        try:
+            arguments = json.loads(self.arguments) if self.arguments else {}
+        except ValueError:
+            arguments = self.arguments
+        return {"id": self.id, "name": self.name, "arguments": arguments}
+
+
+@dataclass
+class ModelOutput:
+    """What the model returned, assembled from a whole body or from stream events."""
+
+    request_type: str
+    content_parts: list[str] = field(default_factory=list)
+    tool_calls: dict[int, ToolCall] = field(default_factory=dict)
+    finish_reason: str = ""
+    usage: dict | None = None
+    model_served: str = ""
+    response_id: str = ""
+    completed: bool = False
+
+    @property
+    def content(self) -> str:
+        return "".join(self.content_parts)
+
+    def as_input(self) -> dict:
+        return {
+            "content": self.content,
+            "tool_calls": [call.as_input() for _, call in sorted(self.tool_calls.items())],
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "model": self.model_served,
+        }
+
+    def assistant_message(self) -> dict:
+        message: dict = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for _, call in sorted(self.tool_calls.items())
+            ]
+        return message
+
+    # Whole bodies.
+
+    def add_body(self, body: dict) -> None:
+        self.response_id = str(body.get("id") or "")
+        self.model_served = str(body.get("model") or "")
+        if isinstance(body.get("usage"), dict):
+            self.usage = body["usage"]
+        if self.request_type == "responses":
+            self._add_response_object(body)
+        elif self.request_type in ("chat_completions", "completions"):
+            self._add_choices(body.get("choices"), delta=False)
+        self.completed = True
+
+    def _add_choices(self, choices, delta: bool) -> None:
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = str(choice["finish_reason"])
+        if isinstance(choice.get("text"), str):
+            self.content_parts.append(choice["text"])
+        message = choice.get("delta" if delta else "message")
+        if not isinstance(message, dict):
+            return
+        if isinstance(message.get("content"), str):
+            self.content_parts.append(message["content"])
+        for position, call in enumerate(message.get("tool_calls") or []):
+            if isinstance(call, dict):
+                self._add_tool_call_delta(call, position)
+
+    def _add_tool_call_delta(self, call: dict, position: int) -> None:
+        index = call.get("index", position)
+        entry = self.tool_calls.setdefault(index if isinstance(index, int) else position, ToolCall())
+        if call.get("id"):
+            entry.id = str(call["id"])
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if function.get("name"):
+            entry.name = str(function["name"])
+        if isinstance(function.get("arguments"), str):
+            entry.arguments += function["arguments"]
+
+    def _add_response_object(self, response: dict) -> None:
+        status = response.get("status")
+        if status == "completed":
+            self.finish_reason = "stop"
+        elif status == "incomplete":
+            details = response.get("incomplete_details") or {}
+            reason = details.get("reason") if isinstance(details, dict) else None
+            self.finish_reason = "length" if reason == "max_output_tokens" else str(reason or "incomplete")
+        self.content_parts = []
+        self.tool_calls = {}
+        for item in response.get("output") or []:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message":
+                for part in item.get("content") or []:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        self.content_parts.append(part["text"])
+            elif item.get("type") == "function_call":
+                self.tool_calls[len(self.tool_calls)] = ToolCall(
+                    str(item.get("call_id", "")), str(item.get("name", "")), str(item.get("arguments", ""))
+                )
+                self.finish_reason = "tool_calls"
+
+    # Stream events.
+
+    def add_chat_chunk(self, chunk: dict) -> None:
+        if chunk.get("id"):
+            self.response_id = str(chunk["id"])
+        if chunk.get("model"):
+            self.model_served = str(chunk["model"])
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        self._add_choices(chunk.get("choices"), delta=True)
+
+    def add_responses_event(self, event: dict) -> None:
+        event_type = event.get("type", "")
+        if event_type == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            self.content_parts.append(event["delta"])
+        elif event_type in ("response.created", "response.in_progress"):
+            response = event.get("response") or {}
+            self.response_id = str(response.get("id") or self.response_id)
+            self.model_served = str(response.get("model") or self.model_served)
+        elif event_type in ("response.completed", "response.incomplete", "response.failed"):
+            response = event.get("response") or {}
+            if isinstance(response, dict):
+                self.response_id = str(response.get("id") or self.response_id)
+                self.model_served = str(response.get("model") or self.model_served)
+                if isinstance(response.get("usage"), dict):
+                    self.usage = response["usage"]
+                self._add_response_object(response)
+            self.completed = event_type == "response.completed"
+
+
+def is_usage_only_chunk(chunk: dict) -> bool:
+    """True for the final chat chunk that carries usage and no choices."""
+    return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+@dataclass(frozen=True)
+class Usage:
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    cached: int | None = None
+    reasoning: int | None = None
+
+    @property
+    def reported(self) -> bool:
+        return self.tokens_in is not None or self.tokens_out is not None
+
+
+def normalise_usage(usage: dict | None) -> Usage:
+    """Map chat (prompt/completion) and Responses (input/output) usage names onto one shape."""
+    if not isinstance(usage, dict):
+        return Usage()
+    tokens_in = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+    tokens_out = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    in_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    cached = _int(in_details.get("cached_tokens")) if isinstance(in_details, dict) else None
+    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+    return Usage(tokens_in, tokens_out, cached, reasoning)
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

