@@ -41,3 +41,12 @@ def spool_path(home: str | os.PathLike) -> Path:
 
 def prices_file(home: str | os.PathLike) -> Path:
     return Path(home) / "config" / "prices.json"
+
+
+# Export batches carry bodies of up to the body limit per trace, and Query results can be
+# large, so both ends of the collector socket raise gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)

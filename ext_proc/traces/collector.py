@@ -20,8 +20,14 @@ import grpc
 
 from ext_proc.pb import trace_pb2, trace_pb2_grpc
 from ext_proc.redaction import REDACTION_KINDS
-from ext_proc.traces import CLICKHOUSE_URL_ENV, collector_socket_path, home_path, prices_file
-from ext_proc.traces import spool_path
+from ext_proc.traces import (
+    CLICKHOUSE_URL_ENV,
+    GRPC_OPTIONS,
+    collector_socket_path,
+    home_path,
+    prices_file,
+    spool_path,
+)
 from ext_proc.traces.cost import PriceTable
 from ext_proc.traces.rows import DEFAULT_BODY_LIMIT, RowBuilder
 from ext_proc.traces.schema import Retention
@@ -31,13 +37,6 @@ from ext_proc.traces.store import QueryError, StoreError, TraceStore, rows_to_js
 from ext_proc.traces.writer import PendingFull, TraceWriter, WriterSettings
 
 logger = logging.getLogger(__name__)
-
-# Export batches carry bodies of up to the body limit per trace.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class CollectorAlreadyRunning(Exception):

@@ -241,6 +241,9 @@ def migrate(client) -> list[int]:
 
 def apply_retention(client, retention: Retention) -> None:
     """Set the row and body TTLs, without rewriting existing parts."""
+    if _is_distributed(client):
+        logger.info("traces is a Distributed table: retention is set on the cluster's local tables")
+        return
     tables = (("traces", BODY_COLUMNS), ("trace_steps", STEP_BODY_COLUMNS))
     for table, body_columns in tables:
         if retention.row_days:
@@ -250,6 +253,13 @@ def apply_retention(client, retention: Retention) -> None:
             _alter(client, f"ALTER TABLE {table} REMOVE TTL")
         for column in body_columns:
             _alter(client, _column_ttl_sql(table, column, retention.body_days))
+
+
+def _is_distributed(client) -> bool:
+    result = client.query(
+        "SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'traces'"
+    )
+    return bool(result.result_rows) and result.result_rows[0][0] == "Distributed"
 
 
 def _column_ttl_sql(table: str, column: str, days: int) -> str:

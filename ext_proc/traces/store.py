@@ -52,9 +52,9 @@ class TraceStore:
         home: Path,
         clickhouse_url: str | None = None,
         retention: Retention | None = None,
-        read_only: bool = False,
+        migrate_schema: bool = True,
     ) -> TraceStore:
-        """Connect, apply pending migrations and retention (unless ``read_only``)."""
+        """Connect, apply pending migrations, and set the TTLs when ``retention`` is given."""
         url = clickhouse_url if clickhouse_url is not None else os.environ.get(CLICKHOUSE_URL_ENV)
         try:
             if url:
@@ -66,9 +66,10 @@ class TraceStore:
                     dsn=clickhouse_dsn(home), settings=_EMBEDDED_SETTINGS
                 )
                 description = f"chdb {clickhouse_store_path(home)}"
-            if not read_only:
+            if migrate_schema:
                 migrate(client)
-                apply_retention(client, retention or Retention())
+            if retention is not None:
+                apply_retention(client, retention)
         except (ClickHouseError, OSError) as exc:
             raise StoreError(f"cannot open trace store: {exc}") from exc
         return cls(client, description)
@@ -94,7 +95,9 @@ class TraceStore:
             column_names=list(names),
             column_types=types,
             column_oriented=True,
-            settings={"insert_deduplication_token": token},
+            # Synchronous distributed inserts carry the token to the shards of a cluster
+            # (deploy/clickhouse/cluster.sql); plain tables ignore the setting.
+            settings={"insert_deduplication_token": token, "insert_distributed_sync": 1},
         )
 
     def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:

@@ -1,0 +1,265 @@
+"""``xenovia traces ...``: list, show, sessions and stats over the trace store.
+
+The commands read through the running collector when its socket answers, else open the
+store themselves. ``--json`` prints JSON with the platform's field names: one object per
+line for ``list`` and ``sessions``, one object for ``show`` and ``stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from ext_proc.traces import home_path
+from ext_proc.traces.queries import (
+    ReaderError,
+    TraceFilters,
+    list_traces_sql,
+    open_reader,
+    parse_time,
+    sessions_sql,
+    show_trace_sql,
+    stats_sql,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_NOT_FOUND = 3
+_QUANTILES = ("p50", "p95", "p99")
+_QUANTILES_SUFFIX = "_quantiles"
+
+
+def add_traces_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``traces`` and its subcommands; each sets ``handler(args) -> exit code``."""
+    traces = subparsers.add_parser("traces", help="query stored traces")
+    traces.add_argument("--home", help="home folder (default: $XENOVIA_HOME or ./.xenovia)")
+    commands = traces.add_subparsers(dest="traces_command", required=True)
+
+    listing = commands.add_parser("list", help="recent traces, newest first")
+    listing.add_argument("--session", help="session id (UUID)")
+    listing.add_argument("--proxy", help="proxy id")
+    listing.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
+                         help="custom property equal to VALUE; repeat to require several")  # fmt: skip
+    listing.add_argument("--model", help="requested or served model")
+    listing.add_argument("--outcome", help="policy outcome: allow, block, redact, ...")
+    listing.add_argument("--status", type=int, help="HTTP status code")
+    _add_time_range(listing)
+    listing.add_argument("--limit", type=_positive_int, default=20, help="maximum rows (default 20)")
+    _add_json(listing)
+    listing.set_defaults(handler=run_list)
+
+    show = commands.add_parser("show", help="one trace and its steps")
+    show.add_argument("trace_id")
+    _add_json(show)
+    show.set_defaults(handler=run_show)
+
+    sessions = commands.add_parser("sessions", help="sessions with turns, tokens and cost")
+    sessions.add_argument("--proxy", help="proxy id")
+    sessions.add_argument("--limit", type=_positive_int, default=20, help="maximum rows (default 20)")
+    _add_json(sessions)
+    sessions.set_defaults(handler=run_sessions)
+
+    stats = commands.add_parser("stats", help="latency, cost and block rate summaries")
+    stats.add_argument("--proxy", help="proxy id")
+    _add_time_range(stats)
+    _add_json(stats)
+    stats.set_defaults(handler=run_stats)
+    return traces
+
+
+def _add_time_range(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", help="start: a duration ago (30m, 1h, 2d) or an ISO 8601 time")
+    parser.add_argument("--until", help="end (exclusive): a duration ago or an ISO 8601 time")
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _filters(args: argparse.Namespace) -> TraceFilters:
+    properties = []
+    for item in getattr(args, "property", []):
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ValueError(f"invalid --property {item!r}: expected KEY=VALUE")
+        properties.append((key, value))
+    since, until = getattr(args, "since", None), getattr(args, "until", None)
+    return TraceFilters(
+        session=getattr(args, "session", None),
+        proxy=getattr(args, "proxy", None),
+        properties=properties,
+        model=getattr(args, "model", None),
+        outcome=getattr(args, "outcome", None),
+        status=getattr(args, "status", None),
+        since_us=parse_time(since) if since else None,
+        until_us=parse_time(until) if until else None,
+    )
+
+
+def _run(args: argparse.Namespace, body: Callable) -> int:
+    try:
+        filters = _filters(args)
+        reader = open_reader(home_path(args.home))
+    except (ValueError, ReaderError) as exc:
+        print(f"xenovia traces: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        return body(reader, filters)
+    except ReaderError as exc:
+        print(f"xenovia traces: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        reader.close()
+
+
+def run_list(args: argparse.Namespace) -> int:
+    def body(reader, filters):
+        names, rows = reader.query(*list_traces_sql(filters, args.limit, all_columns=args.json))
+        if args.json:
+            _print_json_lines(names, rows)
+        else:
+            print(format_table(names, rows))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    def body(reader, filters):
+        trace_query, steps_query = show_trace_sql(args.trace_id)
+        names, rows = reader.query(*trace_query)
+        if not rows:
+            print(f"xenovia traces: trace {args.trace_id} not found", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        trace = dict(zip(names, rows[0]))
+        step_names, step_rows = reader.query(*steps_query)
+        trace["steps"] = [dict(zip(step_names, row)) for row in step_rows]
+        if args.json:
+            print(json.dumps(trace, ensure_ascii=False))
+        else:
+            print(format_trace_tree(trace))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def run_sessions(args: argparse.Namespace) -> int:
+    def body(reader, filters):
+        names, rows = reader.query(*sessions_sql(filters, args.limit))
+        if args.json:
+            _print_json_lines(names, rows)
+        else:
+            print(format_table(names, rows))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    def body(reader, filters):
+        sections = {}
+        for section, query in stats_sql(filters).items():
+            names, rows = reader.query(*query)
+            sections[section] = [_flatten_quantiles(dict(zip(names, row))) for row in rows]
+        if args.json:
+            print(json.dumps(sections, ensure_ascii=False))
+            return EXIT_OK
+        for section, records in sections.items():
+            print(f"== {section.replace('_', ' ')}")
+            if records:
+                names = list(records[0])
+                print(format_table(names, [[record[name] for name in names] for record in records]))
+            else:
+                print("(no data)")
+            print()
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def _flatten_quantiles(record: dict) -> dict:
+    flat = {}
+    for name, value in record.items():
+        if name.endswith(_QUANTILES_SUFFIX):
+            base = name.removesuffix(_QUANTILES_SUFFIX)
+            for quantile, item in zip(_QUANTILES, value):
+                flat[f"{base}_{quantile}"] = item
+        else:
+            flat[name] = value
+    return flat
+
+
+def _print_json_lines(names: list[str], rows: list[list]) -> None:
+    for row in rows:
+        print(json.dumps(dict(zip(names, row)), ensure_ascii=False))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:.2f}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def format_table(names: list[str], rows: list[list]) -> str:
+    """Return rows as text columns aligned under their names."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [len(name) for name in names]
+    for row in cells:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row)]
+    lines = ["  ".join(name.ljust(width) for name, width in zip(names, widths)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+_TRACE_SUMMARY = (
+    "timestamp", "proxy_id", "session_id", "session_turn", "model", "model_served", "status",
+    "policy_outcome", "policy_rule_id", "latency_ms", "ttft_ms", "tokens_in", "tokens_out",
+    "cost_usd", "error_type",
+)  # fmt: skip
+
+
+def format_trace_tree(trace: dict) -> str:
+    """Return the trace as a header and its steps as a tree; tool results sit under their call."""
+    lines = [f"trace {trace['trace_id']}"]
+    lines += [f"  {name}: {_cell(trace.get(name))}" for name in _TRACE_SUMMARY if name in trace]
+    steps = trace["steps"]
+    calls = {s["call_id"] for s in steps if s.get("step_type") == "tool_call" and s.get("call_id")}
+    children: dict[str, list[dict]] = {}
+    top = []
+    for step in steps:
+        if step.get("step_type") == "tool_result" and step.get("call_id") in calls:
+            children.setdefault(step["call_id"], []).append(step)
+        else:
+            top.append(step)
+    for index, step in enumerate(top):
+        last = index == len(top) - 1
+        lines.append(("└─ " if last else "├─ ") + _step_label(step))
+        nested = children.get(step.get("call_id"), []) if step.get("step_type") == "tool_call" else []
+        for child_index, child in enumerate(nested):
+            branch = "└─ " if child_index == len(nested) - 1 else "├─ "
+            lines.append(("   " if last else "│  ") + branch + _step_label(child))
+    return "\n".join(lines)
+
+
+def _step_label(step: dict) -> str:
+    label = f"{step.get('step_type')} {step.get('name') or ''}".rstrip()
+    details = [f"{_cell(step.get('latency_ms'))} ms", step.get("status") or ""]
+    if step.get("tool_name"):
+        details.append(f"tool={step['tool_name']}")
+    if step.get("call_id"):
+        details.append(f"call_id={step['call_id']}")
+    return f"{label} [{', '.join(item for item in details if item)}]"
