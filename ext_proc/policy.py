@@ -1,0 +1,674 @@
+"""
+Rego policies for the gateway, evaluated in-process with regorus.
+
+A policy is a Rego module in package `xenovia.policy`. The gateway reads three rules from it:
+
+* `deny`: `true`, or a set of reason strings. A true value or a non-empty set denies.
+* `allow`: a boolean. `false` denies. Undefined counts as "not false".
+* `redact_fields`: a set of PII kinds (`"email"`, `"ssn"`) to remove from the payload.
+
+`compile_policy` checks a policy's source once, when it is uploaded or loaded. `PolicyEngine`
+attaches compiled policies for one proxy and one stage and evaluates them all with one call
+into regorus per request.
+
+Evaluation fails closed: any error while evaluating, and any rule value of the wrong type,
+denies the request.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+
+import regorus
+
+from ext_proc.redaction import REDACTION_KINDS
+
+__all__ = [
+    "STAGES",
+    "CompiledPolicy",
+    "Decision",
+    "PolicyCompileError",
+    "PolicyEngine",
+    "compile_policy",
+    "run_policy_test",
+]
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "xenovia.policy"
+STAGES = ("request", "response")
+
+# Error codes used as the rule part of Decision.rule_id when no policy rule decided.
+RULE_ID_INPUT_ERROR = "input.error"
+RULE_ID_ENGINE_ERROR = "engine.error"
+
+_DECISION_RULE = "data.xenovia.decision.decisions"
+_DECISION_RULES = ("deny", "allow", "redact_fields")
+
+# Exceptions that must stop the process rather than turn into a deny. Everything else raised
+# by regorus is caught, including pyo3's PanicException, which derives from BaseException.
+_FATAL = (KeyboardInterrupt, SystemExit)
+
+_PACKAGE_RE = re.compile(r"^[ \t]*package[ \t]+([^\s#]+)", re.MULTILINE)
+_REGO_V1_IMPORT_RE = re.compile(r"^[ \t]*import[ \t]+rego\.v1\b", re.MULTILINE)
+_ERROR_LOCATION_RE = re.compile(r"-->\s*(.+?):(\d+):(\d+)")
+# The one-line form `_one_line_error` produces: "file:line:column: message".
+_ONE_LINE_ERROR_RE = re.compile(r"^.+?:(\d+):(\d+): (.*)$", re.DOTALL)
+_ERROR_MESSAGE_RE = re.compile(r"^error:\s*(.*?)(?:\n\s*\n|\Z)", re.MULTILINE | re.DOTALL)
+# Strings and comments are dropped before looking for v1 keywords, so `contains(` (the
+# built-in function) and words inside strings do not count.
+_STRINGS_AND_COMMENTS_RE = re.compile(r'"(?:\\.|[^"\\\n])*"|`[^`]*`|#[^\n]*')
+_V1_KEYWORD_RE = re.compile(r"\bif\b|\bcontains\b(?!\s*\()")
+
+
+class PolicyCompileError(ValueError):
+    """A policy that cannot be loaded. `line` and `column` are 1-based, or None when unknown."""
+
+    def __init__(
+        self, path: str, message: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+        self.line = line
+        self.column = column
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledPolicy:
+    """A policy that passed `compile_policy`, ready to attach to a `PolicyEngine`."""
+
+    name: str
+    source: str
+    sha256: str
+    rego_version: str
+    module_text: str
+    required_fields: frozenset[str] | None
+    # Which decision rules the module defines: (rule, "always" | "sometimes") pairs, where
+    # "always" means the rule can never be undefined (a partial set, or one with a default).
+    # None means unknown, and the engine then treats all three rules as "sometimes".
+    decision_rules: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def path(self) -> str:
+        """File name shown in error messages."""
+        return _source_path(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """
+    The combined decision of every policy attached to an engine.
+
+    `rule_id` is "<policy name>.deny", "<policy name>.allow" or "<policy name>.error" for the
+    first enforcing policy that denied, and empty when allowed. `reasons` gathers the `deny`
+    strings of every enforcing policy that denied. The `dry_run_*` fields carry the same for
+    dry-run policies, which never change `outcome`. `dry_run_denied` is true when the request
+    is allowed but a dry-run policy would have denied it. `error` is the first evaluation
+    error, from an enforcing policy if any failed. `redact_fields` is the union of the
+    enforcing policies' `redact_fields`.
+    """
+
+    outcome: str
+    reasons: tuple[str, ...] = ()
+    rule_id: str = ""
+    redact_fields: frozenset[str] = frozenset()
+    dry_run_denied: bool = False
+    dry_run_rule_id: str = ""
+    dry_run_reasons: tuple[str, ...] = ()
+    error: str | None = None
+    eval_us: float = 0.0
+
+    @property
+    def denied(self) -> bool:
+        return self.outcome == "deny"
+
+
+def _source_path(name: str) -> str:
+    return name if name.endswith(".rego") else f"{name}.rego"
+
+
+def _parse_regorus_error(text: str) -> tuple[str | None, int | None, int | None, str]:
+    """Split regorus's error text into (file, line, column, message)."""
+    location = _ERROR_LOCATION_RE.search(text)
+    message = _ERROR_MESSAGE_RE.search(text)
+    message_text = message.group(1).strip() if message else text.strip()
+    if location is None:
+        return None, None, None, message_text
+    return location.group(1), int(location.group(2)), int(location.group(3)), message_text
+
+
+def _one_line_error(exc: BaseException) -> str:
+    path, line, column, message = _parse_regorus_error(str(exc))
+    if line is None:
+        return message or type(exc).__name__
+    return f"{path}:{line}:{column}: {message}"
+
+
+def _compile_error(path: str, exc: BaseException) -> PolicyCompileError:
+    _, line, column, message = _parse_regorus_error(str(exc))
+    return PolicyCompileError(path, message, line, column)
+
+
+# --- Source handling -------------------------------------------------------------------------
+
+
+def _find_package(source: str, path: str) -> re.Match[str]:
+    match = _PACKAGE_RE.search(source)
+    if match is None:
+        raise PolicyCompileError(
+            path, f"missing package declaration: the first statement must be `package {PACKAGE}`"
+        )
+    if match.group(1) != PACKAGE:
+        line = source.count("\n", 0, match.start()) + 1
+        raise PolicyCompileError(
+            path,
+            f"invalid package {match.group(1)!r}: a policy must declare `package {PACKAGE}`",
+            line,
+        )
+    return match
+
+
+def _with_future_keywords(source: str, package: re.Match[str]) -> str:
+    # The import goes on the package line itself so the user's line numbers stay valid.
+    if _REGO_V1_IMPORT_RE.search(source):
+        return source
+    end = package.end()
+    return f"{source[:end]} import future.keywords{source[end:]}"
+
+
+def _renamed_package(module_text: str, package: str) -> str:
+    match = _PACKAGE_RE.search(module_text)
+    if match is None or match.group(1) != PACKAGE:
+        raise ValueError(f"module does not declare package {PACKAGE}")
+    return f"{module_text[: match.start(1)]}{package}{module_text[match.end(1) :]}"
+
+
+def _uses_v1_keywords(source: str) -> bool:
+    return _V1_KEYWORD_RE.search(_STRINGS_AND_COMMENTS_RE.sub(" ", source)) is not None
+
+
+# --- Compilation -----------------------------------------------------------------------------
+
+
+def _load_module(path: str, text: str, rego_v0: bool) -> regorus.Engine:
+    engine = regorus.Engine()
+    engine.set_rego_v0(rego_v0)
+    engine.add_policy(path, text)
+    return engine
+
+
+def _parse(source: str, path: str) -> tuple[regorus.Engine, str, str]:
+    """Load `source` as Rego v1, else as v0 with future keywords. Returns (engine, version, text)."""
+    package = _find_package(source, path)
+    try:
+        return _load_module(path, source, rego_v0=False), "v1", source
+    except RuntimeError as exc:
+        v1_error = exc
+
+    module_text = _with_future_keywords(source, package)
+    try:
+        return _load_module(path, module_text, rego_v0=True), "v0", module_text
+    except RuntimeError as exc:
+        v0_error = exc
+
+    raise _compile_error(path, v1_error if _uses_v1_keywords(source) else v0_error)
+
+
+def _lint_functions(path: str, module_text: str) -> None:
+    """Reject calls to unknown functions, which regorus otherwise reports only when reached."""
+    # The RVM compiler resolves every function it compiles, but it accepts only Rego v1 and
+    # compiles only what an entry point reaches, hence one compile per decision rule.
+    for rule in _DECISION_RULES:
+        try:
+            regorus.Program.compile_from_modules(
+                "{}", [(path, module_text)], [f"data.{PACKAGE}.{rule}"]
+            )
+        except RuntimeError as exc:
+            if "Unknown function" in str(exc):
+                raise _compile_error(path, exc) from None
+            # Anything else (an absent rule, a construct the RVM lacks) is left to the
+            # interpreter, which is what evaluates requests.
+            logger.debug("RVM lint of %s skipped for %s: %s", path, rule, _one_line_error(exc))
+
+
+def _input_fields(node: object) -> frozenset[str] | None:
+    """Return the top-level `input.<field>` names an AST references, or None if not only those."""
+    fields: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            if key == "Var" and isinstance(value, dict) and value.get("value") == "input":
+                return None
+            if key in ("RefDot", "RefBrack") and _is_input_var(value.get("refr")):
+                field = _ref_field(key, value)
+                if field is None:
+                    return None
+                fields.add(field)
+                if key == "RefBrack":
+                    stack.append(value.get("index"))
+                continue
+            stack.append(value)
+    return frozenset(fields)
+
+
+def _is_input_var(node: object) -> bool:
+    return isinstance(node, dict) and node.get("Var", {}).get("value") == "input"
+
+
+def _ref_field(kind: str, ref: dict) -> str | None:
+    if kind == "RefDot":
+        field = ref.get("field")
+        return field[1] if isinstance(field, list) and len(field) == 2 else None
+    index = ref.get("index")
+    if isinstance(index, dict) and "String" in index:
+        return index["String"].get("value")
+    return None
+
+
+def _head_name(rule: dict) -> tuple[str | None, str]:
+    """Return the name a rule defines and its form: "default", "set" or "other"."""
+    if "Default" in rule:
+        node, form = rule["Default"].get("refr"), "default"
+    else:
+        head = rule.get("Spec", {}).get("head", {})
+        form = "set" if "Set" in head else "other"
+        node = next(iter(head.values()), {}).get("refr")
+    while isinstance(node, dict) and "Var" not in node:
+        node = node.get("RefDot", node.get("RefBrack", {})).get("refr")
+    if not isinstance(node, dict):
+        return None, form
+    return node["Var"].get("value"), form
+
+
+def _decision_rules(rules: list) -> tuple[tuple[str, str], ...]:
+    forms: dict[str, set[str]] = {}
+    for rule in rules:
+        name, form = _head_name(rule)
+        if name in _DECISION_RULES:
+            forms.setdefault(name, set()).add(form)
+    result = []
+    for name in _DECISION_RULES:
+        if name in forms:
+            always = "default" in forms[name] or forms[name] == {"set"}
+            result.append((name, "always" if always else "sometimes"))
+    return tuple(result)
+
+
+def _validate(policy: CompiledPolicy) -> None:
+    """Evaluate the policy once on a minimal input so errors that need no data surface now."""
+    engine = PolicyEngine([(policy, False)], "request")
+    decision = engine.evaluate(json.dumps({"stage": "request"}))
+    if decision.error is None:
+        return
+    located = _ONE_LINE_ERROR_RE.match(decision.error)
+    if located is None:
+        raise PolicyCompileError(policy.path, decision.error)
+    line, column, message = located.groups()
+    raise PolicyCompileError(policy.path, message, int(line), int(column))
+
+
+def compile_policy(source: str, name: str) -> CompiledPolicy:
+    """
+    Parse and check a policy, accepting Rego v1 and the older v0 form.
+
+    The v0 form may use `in`, `if`, `contains` and `every` without importing them. Raises
+    PolicyCompileError with the line of the user's text when the policy is invalid, is not in
+    package `xenovia.policy`, calls an unknown function (v1 only), or fails on a minimal input.
+    """
+    path = _source_path(name)
+    engine, rego_version, module_text = _parse(source, path)
+    returned_package = engine.get_packages()
+    if returned_package != [f"data.{PACKAGE}"]:
+        raise PolicyCompileError(path, f"expected package {PACKAGE}, got {returned_package!r}")
+    if rego_version == "v1":
+        _lint_functions(path, module_text)
+
+    ast = json.loads(engine.get_ast_as_json())[0]["ast"]
+    policy = CompiledPolicy(
+        name=name,
+        source=source,
+        sha256=hashlib.sha256(source.encode()).hexdigest(),
+        rego_version=rego_version,
+        module_text=module_text,
+        required_fields=_input_fields(ast),
+        decision_rules=_decision_rules(ast.get("rules", [])),
+    )
+    _validate(policy)
+    return policy
+
+
+# --- Evaluation ------------------------------------------------------------------------------
+
+
+_ALLOWED = Decision(outcome="allow")
+_EMPTY_SET: set = set()
+
+
+class _PolicyValueError(ValueError):
+    """A decision rule evaluated to a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attached:
+    name: str
+    path: str
+    dry_run: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    rule_id: str = ""
+    reasons: tuple[str, ...] = ()
+    redact_fields: frozenset[str] = frozenset()
+    error: str | None = None
+
+
+def _decision_module(policies: Sequence[CompiledPolicy]) -> str:
+    """Generate the module whose `decisions` rule lists [deny, allow, redact_fields] per policy."""
+    lines = ["package xenovia.decision", ""]
+    for index, policy in enumerate(policies):
+        if policy.decision_rules is None:
+            forms = {rule: "sometimes" for rule in _DECISION_RULES}
+        else:
+            forms = dict(policy.decision_rules)
+        values = []
+        for rule in _DECISION_RULES:
+            ref = f"data.xenovia.attached.p{index}.{rule}"
+            if rule not in forms:
+                values.append("null")
+            elif forms[rule] == "always":
+                values.append(ref)
+            else:
+                # An undefined element would make the whole list undefined, so a rule that
+                # may be undefined goes through a local rule with a null default.
+                local = f"p{index}_{rule}"
+                lines += [f"default {local} := null", f"{local} := {ref}"]
+                values.append(local)
+        lines += [f"p{index} := [{', '.join(values)}]", ""]
+    lines.append(f"decisions := [{', '.join(f'p{index}' for index in range(len(policies)))}]")
+    return "\n".join(lines) + "\n"
+
+
+def _deny_reasons(deny: object) -> tuple[bool, tuple[str, ...]]:
+    if deny is None or deny is False:
+        return False, ()
+    if deny is True:
+        return True, ()
+    if isinstance(deny, set) and all(isinstance(reason, str) for reason in deny):
+        return bool(deny), tuple(sorted(deny))
+    raise _PolicyValueError(f"deny must be a boolean or a set of strings, got {deny!r:.200}")
+
+
+def _redact_kinds(redact: object) -> frozenset[str]:
+    if redact is None:
+        return frozenset()
+    if not isinstance(redact, set | list) or not all(isinstance(kind, str) for kind in redact):
+        raise _PolicyValueError(f"redact_fields must be a set of strings, got {redact!r:.200}")
+    kinds = frozenset(redact)
+    unknown = kinds - REDACTION_KINDS
+    if unknown:
+        # Ignoring an unknown kind would let the data it names through, so it denies instead.
+        raise _PolicyValueError(
+            f"unknown redact_fields kinds {sorted(unknown)!r}, known: {sorted(REDACTION_KINDS)!r}"
+        )
+    return kinds
+
+
+def _plainly_allows(values: list) -> bool:
+    """Return True for [deny, allow, redact_fields] that allow with nothing to check further."""
+    deny, allow, redact = values
+    return (
+        (deny is None or deny is False or deny == _EMPTY_SET)
+        and (allow is None or allow is True)
+        and redact is None
+    )
+
+
+def _verdict(policy: _Attached, values: object) -> _Verdict:
+    try:
+        deny, allow, redact = values
+        denied, reasons = _deny_reasons(deny)
+        if allow is not None and not isinstance(allow, bool):
+            raise _PolicyValueError(f"allow must be a boolean, got {allow!r:.200}")
+        kinds = _redact_kinds(redact)
+    except (_PolicyValueError, TypeError, ValueError) as exc:
+        return _Verdict(rule_id=f"{policy.name}.error", error=str(exc))
+    if denied:
+        return _Verdict(f"{policy.name}.deny", reasons, kinds)
+    if allow is False:
+        return _Verdict(f"{policy.name}.allow", (), kinds)
+    return _Verdict(redact_fields=kinds)
+
+
+def _unique(items: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _combine(policies: Sequence[_Attached], verdicts: Sequence[_Verdict]) -> Decision:
+    enforced = [v for p, v in zip(policies, verdicts, strict=True) if not p.dry_run]
+    dry_run = [v for p, v in zip(policies, verdicts, strict=True) if p.dry_run]
+    denials = [v for v in enforced if v.rule_id]
+    dry_run_denials = [v for v in dry_run if v.rule_id]
+    errors = [v.error for v in denials + dry_run_denials if v.error]
+
+    return Decision(
+        outcome="deny" if denials else "allow",
+        reasons=_unique([reason for v in denials for reason in v.reasons]),
+        rule_id=denials[0].rule_id if denials else "",
+        redact_fields=frozenset().union(*(v.redact_fields for v in enforced)),
+        dry_run_denied=bool(dry_run_denials) and not denials,
+        dry_run_rule_id=dry_run_denials[0].rule_id if dry_run_denials else "",
+        dry_run_reasons=_unique([reason for v in dry_run_denials for reason in v.reasons]),
+        error=errors[0] if errors else None,
+    )
+
+
+class PolicyEngine:
+    """
+    The policies attached to one proxy for one stage, evaluated together.
+
+    `policies` is a sequence of (CompiledPolicy, dry_run). Each policy is loaded under its own
+    package, `xenovia.attached.p<index>`, so rules such as `default allow` never collide, and a
+    generated module gathers every policy's `deny`, `allow` and `redact_fields` so that
+    `evaluate` makes a single evaluation call.
+
+    Thread affinity: regorus engines may be used only on the thread that created them, and
+    they hold the GIL while evaluating. Build one engine per thread (or one per process on
+    an asyncio loop) on the thread that will use it. `evaluate` raises RuntimeError when
+    called from any other thread.
+    """
+
+    def __init__(self, policies: Sequence[tuple[CompiledPolicy, bool]], stage: str) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.stage = stage
+        self._thread_id = threading.get_ident()
+        self._policies = _attach_names(policies)
+        self._required_fields = _union_fields(policy for policy, _ in policies)
+        self._gathers_prints = any("print(" in policy.module_text for policy, _ in policies)
+        self._engine = self._build(policies)
+
+    def _build(self, policies: Sequence[tuple[CompiledPolicy, bool]]) -> regorus.Engine:
+        engine = regorus.Engine()
+        engine.set_gather_prints(True)
+        for index, ((policy, _), attached) in enumerate(zip(policies, self._policies)):
+            # The v0/v1 switch applies when a module is parsed, so it is set per module.
+            engine.set_rego_v0(policy.rego_version == "v0")
+            module = _renamed_package(policy.module_text, f"xenovia.attached.p{index}")
+            try:
+                engine.add_policy(attached.path, module)
+            except RuntimeError as exc:
+                raise _compile_error(attached.path, exc) from None
+        engine.set_rego_v0(False)
+        engine.add_policy("xenovia_decision.rego", _decision_module([p for p, _ in policies]))
+        return engine
+
+    @property
+    def required_fields(self) -> frozenset[str] | None:
+        """Top-level input fields any attached policy reads, or None when some policy may read any."""
+        return self._required_fields
+
+    @property
+    def policy_names(self) -> tuple[str, ...]:
+        return tuple(policy.name for policy in self._policies)
+
+    def evaluate(self, input_json: str) -> Decision:
+        """Evaluate every attached policy against `input_json`, a JSON object as text."""
+        if threading.get_ident() != self._thread_id:
+            raise RuntimeError("PolicyEngine used from a thread other than the one that built it")
+        start = time.perf_counter()
+        decision = self._evaluate(input_json)
+        elapsed_us = (time.perf_counter() - start) * 1e6
+        if decision is _ALLOWED:
+            return Decision(outcome="allow", eval_us=elapsed_us)
+        return dataclasses.replace(decision, eval_us=elapsed_us)
+
+    def _evaluate(self, input_json: str) -> Decision:
+        if not self._policies:
+            return _ALLOWED
+        if not input_json.lstrip().startswith("{"):
+            return _input_error("input must be a JSON object")
+        try:
+            self._engine.set_input_json(input_json)
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL
+            return _input_error(_one_line_error(exc))
+
+        try:
+            results = self._engine.eval_rule(_DECISION_RULE)
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL
+            return self._evaluate_each(exc)
+        finally:
+            if self._gathers_prints:
+                self._drop_prints()
+        if not isinstance(results, list) or len(results) != len(self._policies):
+            return _engine_error(f"unexpected decision value {results!r:.200}")
+        if all(map(_plainly_allows, results)):
+            return _ALLOWED
+        return _combine(self._policies, [_verdict(p, r) for p, r in zip(self._policies, results)])
+
+    def _evaluate_each(self, first_error: BaseException) -> Decision:
+        """Evaluate the policies one by one to find which failed. Runs only after an error."""
+        verdicts = []
+        for index, policy in enumerate(self._policies):
+            try:
+                values = self._engine.eval_rule(f"data.xenovia.decision.p{index}")
+            except _FATAL:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL
+                verdicts.append(_Verdict(f"{policy.name}.error", error=_one_line_error(exc)))
+            else:
+                verdicts.append(_verdict(policy, values))
+        if not any(verdict.error for verdict in verdicts):
+            return _engine_error(_one_line_error(first_error))
+        return _combine(self._policies, verdicts)
+
+    def _drop_prints(self) -> None:
+        for line in self._engine.take_prints():
+            logger.debug("policy print: %s", line)
+
+
+def _attach_names(policies: Sequence[tuple[CompiledPolicy, bool]]) -> tuple[_Attached, ...]:
+    attached = []
+    seen: set[str] = set()
+    for index, (policy, dry_run) in enumerate(policies):
+        path = policy.path
+        # regorus names the failing file in its errors, so each attached file name must be unique.
+        if path in seen:
+            path = f"{path}#{index}"
+        seen.add(path)
+        attached.append(_Attached(policy.name, path, dry_run))
+    return tuple(attached)
+
+
+def _union_fields(policies) -> frozenset[str] | None:
+    fields: set[str] = set()
+    for policy in policies:
+        if policy.required_fields is None:
+            return None
+        fields |= policy.required_fields
+    return frozenset(fields)
+
+
+def _input_error(message: str) -> Decision:
+    return Decision(outcome="deny", rule_id=RULE_ID_INPUT_ERROR, error=message)
+
+
+def _engine_error(message: str) -> Decision:
+    return Decision(outcome="deny", rule_id=RULE_ID_ENGINE_ERROR, error=message)
+
+
+# --- `xenovia policy test` -------------------------------------------------------------------
+
+_OUTCOME_NAMES = {
+    "request": {"allow": "allow", "deny": "block", "redact": "redact"},
+    "response": {"allow": "allow", "deny": "block_response", "redact": "redact_response"},
+}
+
+
+def gateway_outcome(decision: Decision, stage: str) -> str:
+    """Name a decision as the gateway does: allow, block, redact, or the `_response` forms."""
+    if decision.denied:
+        key = "deny"
+    elif decision.redact_fields:
+        key = "redact"
+    else:
+        key = "allow"
+    return _OUTCOME_NAMES[stage][key]
+
+
+def _format_decision(decision: Decision, stage: str) -> str:
+    lines = [f"outcome: {gateway_outcome(decision, stage)}"]
+    if decision.rule_id:
+        lines.append(f"rule: {decision.rule_id}")
+    lines.extend(f"reason: {reason}" for reason in decision.reasons)
+    if decision.redact_fields:
+        lines.append(f"redact_fields: {', '.join(sorted(decision.redact_fields))}")
+    if decision.error:
+        lines.append(f"error: {decision.error}")
+    return "\n".join(lines)
+
+
+def run_policy_test(path: str, input_doc: dict, stage: str) -> tuple[str, int]:
+    """
+    Evaluate the policy file at `path` on one input document, as `xenovia policy test` does.
+
+    Returns printable text and an exit code: 0 for allow or redact, 1 for block, 2 when the
+    file cannot be read or does not compile. `input_doc["stage"]` defaults to `stage`.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    try:
+        with open(path, encoding="utf-8") as policy_file:
+            source = policy_file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read {path}: {exc}", 2
+    try:
+        policy = compile_policy(source, os.path.basename(path).removesuffix(".rego"))
+    except PolicyCompileError as exc:
+        return f"compile error: {exc}", 2
+
+    document = {"stage": stage, **input_doc}
+    decision = PolicyEngine([(policy, False)], stage).evaluate(json.dumps(document))
+    return _format_decision(decision, stage), 1 if decision.denied else 0
