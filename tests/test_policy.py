@@ -108,6 +108,17 @@ def test_missing_package_rejected():
     assert "missing package" in str(error)
 
 
+def test_self_reference_rejected():
+    source = (
+        "package xenovia.policy\n\n"
+        'blocked if input.model == "x"\n\n'
+        "deny if data.xenovia.policy.blocked\n"
+    )
+    error = _compile_error(source)
+    assert error.line == 5
+    assert "by name" in error.message
+
+
 def test_unknown_function_rejected():
     source = 'package xenovia.policy\n\ndeny if {\n    regex.matchx("a", input.model)\n}\n'
     error = _compile_error(source)
