@@ -272,7 +272,11 @@ class Exchange:
     def _health(self) -> msgs.ProcessingResponse:
         self.status = 200
         self.finished = True
-        body = json.dumps({"status": "ok", "proxies": len(self.gateway.registry.proxies)}).encode()
+        body = json.dumps({
+            "status": "ok",
+            "proxies": len(self.gateway.registry.proxies),
+            "registry_generation": self.gateway.watcher.generation,
+        }).encode()
         return msgs.immediate_reply(200, body, self.trace_headers(), "health")
 
     # Request body: session, request-stage policy, redaction, stream usage.

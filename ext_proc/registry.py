@@ -174,6 +174,8 @@ class RegistryWatcher:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.registry = Registry.empty()
+        # Counts successful loads, so that callers can tell when a change took effect.
+        self.generation = 0
         self._signature: tuple | None = None
         self._failed_signature: tuple | None = None
 
@@ -189,6 +191,7 @@ class RegistryWatcher:
             logger.error("registry reload failed, keeping the previous one: %s", exc)
             return False
         self.registry = registry
+        self.generation += 1
         self._signature = signature
         self._failed_signature = None
         logger.info(

@@ -1,0 +1,98 @@
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.pop("RUST_BACKTRACE", None)
+
+from gateway_harness import RunningGateway  # noqa: E402
+
+from ext_proc.mock_provider import run_in_thread  # noqa: E402
+
+PROVIDER_KEY = "sk-provider-test-credential"
+
+
+@pytest.fixture(scope="session")
+def provider():
+    with run_in_thread() as mock:
+        yield mock
+
+
+@dataclass
+class ProxyAccess:
+    proxy_id: str
+    key: str
+    base_url: str
+
+
+class GatewayFixture:
+    """A running gateway plus helpers to create proxies and keys through the real CLI."""
+
+    def __init__(self, running: RunningGateway, provider) -> None:
+        self.running = running
+        self.provider = provider
+
+    def __getattr__(self, name):
+        return getattr(self.running, name)
+
+    def new_proxy(self, name: str = "test", *extra: str, upstream_url: str | None = None) -> ProxyAccess:
+        url = upstream_url or self.provider.base_url
+        proxy_id = self.running.cli(
+            "proxy", "create", "--name", name, "--upstream-url", url,
+            "--upstream-key-env", "XENOVIA_TEST_PROVIDER_KEY", *extra,
+        ).stdout.strip()
+        key = self.running.change_registry("key", "create", "--proxy", proxy_id).stdout.strip()
+        return ProxyAccess(proxy_id, key, self.running.base_url(proxy_id))
+
+    def attach(self, proxy_id: str, stage: str, path: Path, *extra: str):
+        return self.running.change_registry(
+            "policy", "attach", "--proxy", proxy_id, "--stage", stage, *extra, str(path), check=False
+        )
+
+    def traces(self, *args: str) -> list[dict]:
+        result = self.running.cli("traces", "list", "--json", *args)
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, provider):
+    home = tmp_path_factory.mktemp("home")
+    running = RunningGateway(home, {"XENOVIA_TEST_PROVIDER_KEY": PROVIDER_KEY}).start()
+    try:
+        yield GatewayFixture(running, provider)
+    finally:
+        status = running.stop()
+        assert status == 0, f"gateway stopped with {status}:\n{running.log_tail()}"
+
+
+def wait_for_trace(home: Path, trace_id: str, timeout: float = 15.0) -> dict:
+    """Return the stored trace row (with its steps under "steps"), waiting for the exporter."""
+    import time
+
+    from ext_proc.traces import collector_socket_path
+    from ext_proc.traces.queries import CollectorReader
+
+    reader = CollectorReader(collector_socket_path(home))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            names, rows = reader.query(
+                "SELECT * FROM traces WHERE toString(trace_id) = {trace_id:String}", {"trace_id": trace_id}
+            )
+            if rows:
+                trace = dict(zip(names, rows[0]))
+                step_names, step_rows = reader.query(
+                    "SELECT * FROM trace_steps WHERE toString(trace_id) = {trace_id:String} "
+                    "ORDER BY timestamp", {"trace_id": trace_id},
+                )
+                trace["steps"] = [dict(zip(step_names, row)) for row in step_rows]
+                return trace
+            if time.monotonic() > deadline:
+                raise AssertionError(f"trace {trace_id} was not stored within {timeout} s")
+            time.sleep(0.1)
+    finally:
+        reader.close()
