@@ -25,8 +25,8 @@ from ext_proc.traces.schema import Retention, apply_retention, migrate
 
 logger = logging.getLogger(__name__)
 
-# The embedded engine keeps no query log of its own on disk, and this also stops the
-# in-memory one from growing in a long-running collector.
+# The embedded engine keeps no query log on disk; this also stops its in-memory one from
+# growing in a long-running collector.
 _EMBEDDED_SETTINGS = {"log_queries": 0}
 
 
@@ -41,8 +41,9 @@ class QueryError(StoreError):
 class TraceStore:
     """Opened, migrated trace store with insert and read-only query operations."""
 
-    def __init__(self, client, description: str) -> None:
+    def __init__(self, client, reader, description: str) -> None:
         self.client = client
+        self.reader = reader
         self.description = description
         self._column_types: dict[str, list] = {}
 
@@ -57,22 +58,16 @@ class TraceStore:
         """Connect, apply pending migrations, and set the TTLs when ``retention`` is given."""
         url = clickhouse_url if clickhouse_url is not None else os.environ.get(CLICKHOUSE_URL_ENV)
         try:
-            if url:
-                client = clickhouse_connect.get_client(dsn=url)
-                description = _describe_url(url)
-            else:
-                clickhouse_store_path(home).mkdir(parents=True, exist_ok=True)
-                client = clickhouse_connect.get_client(
-                    dsn=clickhouse_dsn(home), settings=_EMBEDDED_SETTINGS
-                )
-                description = f"chdb {clickhouse_store_path(home)}"
+            client = _connect(home, url, {})
             if migrate_schema:
                 migrate(client)
             if retention is not None:
                 apply_retention(client, retention)
+            reader = _connect(home, url, _read_only_settings(url))
         except (ClickHouseError, OSError) as exc:
             raise StoreError(f"cannot open trace store: {exc}") from exc
-        return cls(client, description)
+        description = _describe_url(url) if url else f"chdb {clickhouse_store_path(home)}"
+        return cls(client, reader, description)
 
     def insert(self, batch: ColumnBatch, token: str) -> None:
         """Insert one batch; a retry with the same ``token`` writes nothing twice."""
@@ -103,13 +98,30 @@ class TraceStore:
     def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:
         """Run ``sql`` read-only with server-side bound ``parameters``."""
         try:
-            result = self.client.query(sql, parameters=parameters, settings={"readonly": 1})
+            result = self.reader.query(sql, parameters=parameters)
         except ClickHouseError as exc:
             raise QueryError(str(exc)) from exc
         return list(result.column_names), result.result_rows
 
     def close(self) -> None:
+        self.reader.close()
         self.client.close()
+
+
+def _connect(home: Path, url: str | None, settings: dict):
+    if url:
+        return clickhouse_connect.get_client(dsn=url, settings=settings)
+    clickhouse_store_path(home).mkdir(parents=True, exist_ok=True)
+    return clickhouse_connect.get_client(
+        dsn=clickhouse_dsn(home), settings={**_EMBEDDED_SETTINGS, **settings}
+    )
+
+
+def _read_only_settings(url: str | None) -> dict:
+    # Queries get their own client because a session switched to readonly=1 cannot be
+    # switched back. A server receives settings with every HTTP request, which readonly=1
+    # forbids, so there readonly=2 (reads and setting changes, no writes or DDL) is used.
+    return {"readonly": 2} if url else {"readonly": 1}
 
 
 def _describe_url(url: str) -> str:

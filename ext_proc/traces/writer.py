@@ -80,7 +80,7 @@ class TraceWriter:
         self._oldest_pending_at = 0.0
         self._retry_at = 0.0
         self._retry_delay = settings.retry_min_s
-        self._last_error_log = 0.0
+        self._last_error_log: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
 
     def start(self) -> None:
@@ -261,9 +261,10 @@ class TraceWriter:
         self._log_error_limited("trace store unavailable, spooling %d traces: %s", count, exc)
 
     def _log_error_limited(self, message: str, *args) -> None:
+        # Rate-limited per message, so one kind of error cannot hide another.
         now = time.monotonic()
-        if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
+        if now - self._last_error_log.get(message, float("-inf")) >= _ERROR_LOG_INTERVAL_S:
+            self._last_error_log[message] = now
             logger.error(message, *args)
 
     def _log_counters(self, last_logged: dict) -> dict:
