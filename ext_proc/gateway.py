@@ -18,7 +18,7 @@ from ext_proc.upstream import ResolvedAddressCheck
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_POLL_SECONDS = 1.0
+REGISTRY_POLL_SECONDS = 0.5
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,7 @@ class Exchange:
         body = json.dumps({
             "status": "ok",
             "proxies": len(self.gateway.registry.proxies),
-            "registry_generation": self.gateway.watcher.generation,
+            "registry_version": self.gateway.watcher.version,
         }).encode()
         return msgs.immediate_reply(200, body, self.trace_headers(), "health")
 

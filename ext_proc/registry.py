@@ -7,6 +7,7 @@ reported and the last good registry stays in force.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -174,8 +175,9 @@ class RegistryWatcher:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.registry = Registry.empty()
-        # Counts successful loads, so that callers can tell when a change took effect.
-        self.generation = 0
+        # Identifies the loaded files, the same in every process that loaded the same
+        # files, so that callers can tell when a change has taken effect everywhere.
+        self.version = ""
         self._signature: tuple | None = None
         self._failed_signature: tuple | None = None
 
@@ -191,7 +193,7 @@ class RegistryWatcher:
             logger.error("registry reload failed, keeping the previous one: %s", exc)
             return False
         self.registry = registry
-        self.generation += 1
+        self.version = _version_of(signature)
         self._signature = signature
         self._failed_signature = None
         logger.info(
@@ -203,19 +205,32 @@ class RegistryWatcher:
         return True
 
     def _signature_now(self) -> tuple:
-        paths = [home_paths.proxies_file(self.home), home_paths.keys_file(self.home)]
-        config_dir = self.home / "config"
-        if config_dir.is_dir():
-            paths.extend(sorted(config_dir.glob("policy.*.rego")))
-        entries = []
-        for path in paths:
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                entries.append((str(path), None))
-                continue
-            entries.append((str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
-        return tuple(entries)
+        return _files_signature(self.home)
+
+
+def registry_version(home: Path) -> str:
+    """Return the version a gateway reports once it has loaded the registry files as they are now."""
+    return _version_of(_files_signature(home))
+
+
+def _version_of(signature: tuple) -> str:
+    return hashlib.sha256(repr(signature).encode()).hexdigest()[:16]
+
+
+def _files_signature(home: Path) -> tuple:
+    paths = [home_paths.proxies_file(home), home_paths.keys_file(home)]
+    config_dir = home / "config"
+    if config_dir.is_dir():
+        paths.extend(sorted(config_dir.glob("policy.*.rego")))
+    entries = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            entries.append((str(path), None))
+            continue
+        entries.append((str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return tuple(entries)
 
 
 class RegistryEditor:

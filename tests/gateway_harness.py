@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ext_proc.registry import registry_version
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 90.0
 
@@ -84,30 +86,33 @@ class RunningGateway:
         with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
             return json.loads(response.read())
 
-    def wait_for_reload(self, previous_generation: int, timeout: float = 10.0) -> None:
-        """Wait until every worker has loaded a registry newer than ``previous_generation``."""
+    def wait_for_reload(self, timeout: float = 10.0) -> None:
+        """Wait until every worker has loaded the registry files as they are now.
+
+        Envoy spreads health checks over the workers, so several matching answers in a row
+        mean that all of them have loaded the change.
+        """
+        expected = registry_version(self.home)
         deadline = time.monotonic() + timeout
-        seen = 0
+        streak = 0
         while time.monotonic() < deadline:
-            if self.health()["registry_generation"] > previous_generation:
-                seen += 1
-                if seen >= self.workers * 3:
-                    return
-            time.sleep(0.05)
+            streak = streak + 1 if self.registry_version() == expected else 0
+            if streak >= self.workers * 4:
+                return
+            time.sleep(0.02)
         raise AssertionError("the gateway did not reload its registry in time")
 
-    def generation(self) -> int:
-        return self.health()["registry_generation"]
+    def registry_version(self) -> str:
+        return self.health()["registry_version"]
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return run_cli(self.home, *args, check=check)
 
     def change_registry(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a CLI command that changes the registry and wait until the gateway applies it."""
-        before = self.generation()
         result = self.cli(*args, check=check)
         if result.returncode == 0:
-            self.wait_for_reload(before)
+            self.wait_for_reload()
         return result
 
     def log_tail(self, lines: int = 60) -> str:

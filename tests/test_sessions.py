@@ -47,50 +47,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server not found on PATH; install it with `make system-deps` "
-            "(apt-get install redis-server)",
-            pytrace=False,
-        )
-    port = free_port()
-    command = [binary, "--save", "", "--appendonly", "no", "--port", str(port)]
-    command += ["--bind", "127.0.0.1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_for_redis(process, url)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_for_redis(process: subprocess.Popen, url: str) -> None:
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                output = process.stdout.read().decode(errors="replace")
-                pytest.fail(f"redis-server exited with {process.returncode}:\n{output}")
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        pytest.fail(f"redis-server did not answer PING on {url} within 10 s")
-    finally:
-        client.close()
-
-
 @dataclass
 class Backend:
     kind: str
