@@ -124,7 +124,8 @@ def cmd_policy_attach(args) -> int:
     except policy.PolicyCompileError as exc:
         print(f"error: policy not attached, it does not compile: {exc}", file=sys.stderr)
         return 2
-    _editor(args).attach_policy(args.proxy, args.stage, path.name, source, compiled.sha256, args.dry_run)
+    # The policy's name (the file name without .rego) prefixes the rule ids in traces.
+    _editor(args).attach_policy(args.proxy, args.stage, path.stem, source, compiled.sha256, args.dry_run)
     mode = " in dry-run mode" if args.dry_run else ""
     print(f"attached {path.name} to {args.proxy} at the {args.stage} stage{mode}", file=sys.stderr)
     return 0

@@ -89,6 +89,7 @@ class Exchange:
         self.dry_run = False
         self.dry_run_outcome = ""
         self.upstream_sent: float | None = None
+        self.upstream_sent_ns = 0
         self.provider_ms: float | None = None
         self.steps: list[tuple] = []
         self.response: ResponseHandler | None = None
@@ -297,6 +298,7 @@ class Exchange:
             mutation.replace_body(new_body)
             mutation.set("content-length", str(len(new_body)))
         self.upstream_sent = time.perf_counter()
+        self.upstream_sent_ns = time.time_ns()
         return msgs.request_body_reply(mutation, {"trace_id": self.trace_id, "session_id": self.session_id})
 
     async def _resolve_session(self) -> None:

@@ -116,7 +116,7 @@ def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:
         trace.steps.append(
             trace_pb2.Step(
                 step_id=str(uuid.uuid4()), step_type="llm", name=trace.model or "llm",
-                start_unix_nano=exchange.start_ns, latency_ms=exchange.provider_ms,
+                start_unix_nano=exchange.upstream_sent_ns, latency_ms=exchange.provider_ms,
                 status="ok" if exchange.status < 400 else "error",
                 attributes={"model_served": trace.model_served, "status": str(exchange.status)},
             )
