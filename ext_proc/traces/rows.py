@@ -56,7 +56,10 @@ _STEP_STRINGS = tuple(
 )
 _get_trace_strings = itemgetter(*_TRACE_STRINGS)
 _get_step_strings = itemgetter(*_STEP_STRINGS)
-_MAP_KEYS = (_TRACE_INDEX["custom_properties"],)
+_TRACE_MAPS = (_TRACE_INDEX["custom_properties"],)
+_STEP_MAPS = (_STEP_INDEX["attributes"],)
+_MESSAGES, _TOOLS, _RESPONSE = (_TRACE_INDEX[n] for n in ("messages", "tools", "response_content"))
+_TOOL_ARGS, _TOOL_RESULT = _STEP_INDEX["tool_args"], _STEP_INDEX["tool_result"]
 
 
 @dataclass
@@ -82,9 +85,16 @@ class RowBuilder:
         step_rows = []
         for trace in traces:
             mode, limit = self._body_policy(trace)
-            trace_rows.append(self._trace_row(trace, mode, limit))
-            for step in trace.steps:
-                step_rows.append(self._step_row(trace, step, mode, limit))
+            row = self._trace_row(trace, mode)
+            steps = [self._step_row(trace, step) for step in trace.steps]
+            if self._needs_scrub(row, steps):
+                self._scrub(row, _TRACE_STRINGS, _TRACE_MAPS)
+                for step_row in steps:
+                    self._scrub(step_row, _STEP_STRINGS, _STEP_MAPS)
+            # Cut after scrubbing, so a cut can never leave part of a secret unrecognised.
+            _apply_body_mode(row, steps, mode, limit)
+            trace_rows.append(row)
+            step_rows.extend(steps)
         return ColumnBatch(
             traces=_transpose(trace_rows, len(TRACE_COLUMNS)),
             steps=_transpose(step_rows, len(STEP_COLUMNS)),
@@ -99,14 +109,14 @@ class RowBuilder:
             mode = BODY_NONE
         return mode, trace.body_limit or self.default_body_limit
 
-    def _trace_row(self, t: trace_pb2.Trace, mode: str, limit: int) -> list:
+    def _trace_row(self, t: trace_pb2.Trace, mode: str) -> list:
         start_us = t.start_unix_nano // 1000
         end_us = t.end_unix_nano // 1000 if t.end_unix_nano else start_us
         tokens_in = t.tokens_in if t.HasField("tokens_in") else None
         tokens_out = t.tokens_out if t.HasField("tokens_out") else None
         cached = t.cached_tokens if t.HasField("cached_tokens") else None
         cost = self.prices.cost_usd(t.model_served or t.model, tokens_in, tokens_out, cached)
-        row = [
+        return [
             t.trace_id, start_us, end_us, t.session_id, t.session_turn, t.session_path,
             t.session_source, t.parent_trace_id, t.flow_id, t.proxy_id, t.org_id, t.environment,
             t.key_id, t.provider, t.model, t.model_served, t.request_type, t.stream, t.method,
@@ -124,40 +134,49 @@ class RowBuilder:
             t.finish_reason, t.stream_policy_mode, mode, cost,
             self.prices.version if cost is not None else "",
         ]  # fmt: skip
-        self._scrub(row, _get_trace_strings(row), _TRACE_STRINGS, _MAP_KEYS)
-        messages, tools, response = _TRACE_INDEX["messages"], _TRACE_INDEX["tools"], _TRACE_INDEX["response_content"]
-        row[messages] = _keep_body(row[messages], mode == BODY_FULL, limit)
-        row[tools] = _keep_body(row[tools], mode != BODY_NONE, limit)
-        row[response] = _keep_body(row[response], mode == BODY_FULL, limit)
-        return row
 
-    def _step_row(self, t: trace_pb2.Trace, s: trace_pb2.Step, mode: str, limit: int) -> list:
+    def _step_row(self, t: trace_pb2.Trace, s: trace_pb2.Step) -> list:
         start_us = s.start_unix_nano // 1000 if s.start_unix_nano else t.start_unix_nano // 1000
-        row = [
+        return [
             t.trace_id, s.step_id, t.trace_id, t.proxy_id, s.step_type, s.name, start_us,
             s.latency_ms, s.status, s.tool_name, s.tool_args, s.tool_result, s.call_id,
             dict(s.attributes),
         ]  # fmt: skip
-        self._scrub(row, _get_step_strings(row), _STEP_STRINGS, (_STEP_INDEX["attributes"],))
-        keep = mode == BODY_FULL
-        args, result = _STEP_INDEX["tool_args"], _STEP_INDEX["tool_result"]
-        row[args] = _keep_body(row[args], keep, limit)
-        row[result] = _keep_body(row[result], keep, limit)
-        return row
 
-    def _scrub(self, row: list, strings: tuple, string_indexes: tuple, map_indexes: tuple) -> None:
-        # One scan over the joined text decides; most traces hold nothing to remove.
-        parts = list(strings)
-        for index in map_indexes:
-            parts.extend(row[index].keys())
-            parts.extend(row[index].values())
-        if not self.scrubber.finds_anything("\x00".join(parts)):
-            return
+    def _needs_scrub(self, row: list, steps: list[list]) -> bool:
+        # One scan over the trace's joined text decides; most traces hold nothing to remove.
+        parts = list(_get_trace_strings(row))
+        _add_map_text(parts, row, _TRACE_MAPS)
+        for step_row in steps:
+            parts.extend(_get_step_strings(step_row))
+            _add_map_text(parts, step_row, _STEP_MAPS)
+        return self.scrubber.finds_anything("\x00".join(parts))
+
+    def _scrub(self, row: list, string_indexes: tuple, map_indexes: tuple) -> None:
         scrub = self.scrubber.scrub
         for index in string_indexes:
             row[index] = scrub(row[index])
         for index in map_indexes:
             row[index] = {scrub(key): scrub(value) for key, value in row[index].items()}
+
+
+def _add_map_text(parts: list, row: list, map_indexes: tuple) -> None:
+    for index in map_indexes:
+        if row[index]:
+            parts.extend(row[index].keys())
+            parts.extend(row[index].values())
+
+
+def _apply_body_mode(row: list, steps: list[list], mode: str, limit: int) -> None:
+    for index, keep in (
+        (_MESSAGES, mode == BODY_FULL),
+        (_TOOLS, mode != BODY_NONE),
+        (_RESPONSE, mode == BODY_FULL),
+    ):
+        row[index] = _keep_body(row[index], keep, limit)
+    for step_row in steps:
+        for index in (_TOOL_ARGS, _TOOL_RESULT):
+            step_row[index] = _keep_body(step_row[index], mode == BODY_FULL, limit)
 
 
 def _keep_body(text: str, keep: bool, limit: int) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import clickhouse_connect
+from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from ext_proc.traces import CLICKHOUSE_URL_ENV, clickhouse_dsn, clickhouse_store_path
@@ -83,7 +84,7 @@ class TraceStore:
         types = self._column_types.get(table)
         if types is None:
             context = self.client.create_insert_context(table, list(names))
-            types = self._column_types[table] = list(context.column_types)
+            types = self._column_types[table] = [_plain_type(t) for t in context.column_types]
         self.client.insert(
             table,
             columns,
@@ -106,6 +107,15 @@ class TraceStore:
     def close(self) -> None:
         self.reader.close()
         self.client.close()
+
+
+def _plain_type(column_type):
+    # clickhouse-connect builds LowCardinality dictionaries in Python, which costs more
+    # than the rest of the insert; sent as plain strings, the server converts them.
+    name = column_type.name
+    if name.startswith("LowCardinality(") and "Nullable" not in name:
+        return get_from_name(name[len("LowCardinality(") : -1])
+    return column_type
 
 
 def _connect(home: Path, url: str | None, settings: dict):

@@ -1,0 +1,181 @@
+"""Benchmark of the trace pipeline: ``python -m ext_proc.traces.bench_export``.
+
+Measures, on the embedded chDB store in a temporary home folder:
+
+1. ``TraceExporter.submit`` cost in microseconds per call;
+2. the collector write path in-process (row building with scrubbing and cost, then the
+   column-oriented insert) in trace rows per second;
+3. end to end: exporters in this process send over the Unix socket to a collector
+   subprocess, timed until the collector reports every trace written.
+
+Each trace carries a 600-byte message body, one custom property and two steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from ext_proc.pb import trace_pb2, trace_pb2_grpc
+from ext_proc.traces import collector_socket_path
+from ext_proc.traces.cost import PriceTable
+from ext_proc.traces.exporter import TraceExporter
+from ext_proc.traces.rows import RowBuilder
+from ext_proc.traces.scrub import Scrubber
+from ext_proc.traces.store import TraceStore
+
+_MESSAGE = '[{"role":"user","content":"' + "Summarise the quarterly report please. " * 15 + '"}]'
+
+
+def sample_traces(count: int) -> list[trace_pb2.Trace]:
+    now = time.time_ns()
+    traces = []
+    for index in range(count):
+        trace_id = str(uuid.uuid4())
+        trace = trace_pb2.Trace(
+            trace_id=trace_id,
+            start_unix_nano=now + index * 1000,
+            end_unix_nano=now + index * 1000 + 40_000_000,
+            session_id=str(uuid.uuid4()),
+            session_turn=index % 7,
+            proxy_id=f"proxy-{index % 8}",
+            org_id="org-1",
+            provider="openai",
+            model="gpt-4o-mini",
+            model_served="gpt-4o-mini-2024-07-18",
+            request_type="chat_completions",
+            method="POST",
+            path="/a/proxy/openai/v1/chat/completions",
+            messages=_MESSAGE,
+            response_content="The report shows growth in every region.",
+            tokens_in=420,
+            tokens_out=35,
+            usage_reported=True,
+            latency_ms=40.0 + index % 100,
+            overhead_ms=1.5,
+            policy_ms=0.4,
+            status=200,
+            policy_outcome="allow",
+            custom_properties={"team": f"team-{index % 5}"},
+        )
+        trace.steps.add(step_id=f"{trace_id}-p", step_type="policy", name="request", latency_ms=0.4)
+        trace.steps.add(step_id=f"{trace_id}-l", step_type="llm", name="chat", latency_ms=38.0)
+        traces.append(trace)
+    return traces
+
+
+def bench_submit(traces: list[trace_pb2.Trace]) -> float:
+    async def run() -> float:
+        exporter = TraceExporter(Path(tempfile.gettempdir()) / "absent.sock", max_queue=len(traces))
+        exporter.start()
+        started = time.perf_counter_ns()
+        for trace in traces:
+            exporter.submit(trace)
+        elapsed = time.perf_counter_ns() - started
+        # The queue is dropped unsent: this run only measures submit().
+        await exporter.shutdown(deadline_s=0)
+        return elapsed / len(traces) / 1000
+
+    return asyncio.run(run())
+
+
+def bench_write_path(home: Path, traces: list[trace_pb2.Trace], batch_size: int) -> float:
+    store = TraceStore.open(home)
+    builder = RowBuilder(PriceTable.builtin(), Scrubber(), 0)
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(traces), batch_size):
+            batch = builder.build(traces[start : start + batch_size])
+            store.insert(batch, uuid.uuid4().hex)
+        elapsed = time.perf_counter() - started
+        written = store.query("SELECT count() FROM traces", {})[1][0][0]
+    finally:
+        store.close()
+    if written != len(traces):
+        raise RuntimeError(f"expected {len(traces)} rows, found {written}")
+    return len(traces) / elapsed
+
+
+def bench_end_to_end(home: Path, traces: list[trace_pb2.Trace], exporters: int) -> float:
+    env = {key: value for key, value in os.environ.items() if key != "RUST_BACKTRACE"}
+    env.pop("XENOVIA_CLICKHOUSE_URL", None)
+    command = [sys.executable, "-m", "ext_proc.traces.collector", "--home", str(home)]
+    log = open(home / "collector.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    socket_path = collector_socket_path(home)
+    channel = grpc.insecure_channel(f"unix:{socket_path}")
+    stub = trace_pb2_grpc.TraceCollectorStub(channel)
+    try:
+        _wait_for_collector(stub)
+        started = time.perf_counter()
+        asyncio.run(_send_all(socket_path, traces, exporters))
+        while stub.Stats(trace_pb2.StatsRequest()).written < len(traces):
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+    finally:
+        channel.close()
+        process.terminate()
+        process.wait(60)
+        log.close()
+    return len(traces) / elapsed
+
+
+async def _send_all(socket_path: Path, traces: list[trace_pb2.Trace], count: int) -> None:
+    exporters = [TraceExporter(socket_path, max_queue=len(traces)) for _ in range(count)]
+    for exporter in exporters:
+        exporter.start()
+    for index, trace in enumerate(traces):
+        exporters[index % count].submit(trace)
+        if index % 1000 == 999:
+            await asyncio.sleep(0)  # let the flush tasks run, as a worker's loop would
+    await asyncio.gather(*(exporter.shutdown(deadline_s=120) for exporter in exporters))
+
+
+def _wait_for_collector(stub: trace_pb2_grpc.TraceCollectorStub) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            stub.Stats(trace_pb2.StatsRequest(), timeout=1)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ext_proc.traces.bench_export")
+    parser.add_argument("--traces", type=int, default=200_000, help="traces per measurement")
+    parser.add_argument("--batch-size", type=int, default=5000, help="traces per insert")
+    parser.add_argument("--exporters", type=int, default=2, help="exporters sending end to end")
+    args = parser.parse_args(argv)
+
+    traces = sample_traces(args.traces)
+    print(f"traces per run: {args.traces} (2 steps each, {len(_MESSAGE)}-byte message)")
+    print(f"submit(): {bench_submit(traces):.3f} us per call")
+    with tempfile.TemporaryDirectory() as direct_home:
+        rate = bench_write_path(Path(direct_home), traces, args.batch_size)
+    print(
+        f"write path in-process (batch {args.batch_size}): {rate:,.0f} trace rows/s"
+        f" + {2 * rate:,.0f} step rows/s = {3 * rate:,.0f} rows/s"
+    )
+    with tempfile.TemporaryDirectory() as e2e_home:
+        rate = bench_end_to_end(Path(e2e_home), traces, args.exporters)
+    print(
+        f"end to end, {args.exporters} exporters -> collector: {rate:,.0f} trace rows/s"
+        f" ({3 * rate:,.0f} rows/s with steps)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
