@@ -177,7 +177,7 @@ def test_list_filters_and_json_lines(home, capsys):
 
 
 def test_list_text_table(home, capsys):
-    home_dir, _, traces = home
+    home_dir, _, _ = home
     code, output = run_cli(capsys, home_dir, "list", "--proxy", PROXY, "--limit", "3")
     lines = output.splitlines()
     assert code == EXIT_OK

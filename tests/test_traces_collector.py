@@ -144,7 +144,14 @@ def test_every_column_round_trips(collector):
     for name in ("session_turn", "tokens_in", "tokens_out", "cached_tokens", "reasoning_tokens",
                  "status"):  # fmt: skip
         assert row[name] == getattr(trace, name), name
-    for name in ("latency_ms", "ttft_ms", "overhead_ms", "policy_ms", "provider_ms", "intent_score"):
+    for name in (
+        "latency_ms",
+        "ttft_ms",
+        "overhead_ms",
+        "policy_ms",
+        "provider_ms",
+        "intent_score",
+    ):
         assert row[name] == pytest.approx(getattr(trace, name)), name
     for name in ("stream", "usage_reported", "dry_run", "stream_completed"):
         assert row[name] is True, name
@@ -221,7 +228,9 @@ def test_secrets_and_pii_removed_from_traces_and_steps(collector):
     )
     export_and_wait(collector, [trace])
 
-    stored = json.dumps([read_trace(collector, trace.trace_id), read_steps(collector, trace.trace_id)])
+    stored = json.dumps(
+        [read_trace(collector, trace.trace_id), read_steps(collector, trace.trace_id)]
+    )
     for secret in (*SECRETS, EMAIL, SSN):
         assert secret not in stored, secret
     assert "[REDACTED_SECRET]" in stored
@@ -236,9 +245,15 @@ def test_secrets_and_pii_removed_from_traces_and_steps(collector):
 def test_body_modes(collector):
     def with_bodies(mode: str, limit: int = 0) -> trace_pb2.Trace:
         trace = simple_trace(
-            messages="é" * 50, tools="T" * 40, response_content="R" * 40, body_mode=mode, body_limit=limit
+            messages="é" * 50,
+            tools="T" * 40,
+            response_content="R" * 40,
+            body_mode=mode,
+            body_limit=limit,
         )
-        trace.steps.add(step_id="tool", step_type="tool_call", tool_args="A" * 40, tool_result="B" * 40)
+        trace.steps.add(
+            step_id="tool", step_type="tool_call", tool_args="A" * 40, tool_result="B" * 40
+        )
         return trace
 
     full = with_bodies("full", limit=11)

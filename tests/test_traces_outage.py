@@ -17,10 +17,9 @@ import grpc
 import pytest
 from test_traces_support import CollectorProcess, simple_trace, wait_until
 
-from ext_proc.pb import trace_pb2
 from ext_proc.traces import spool_path
-from ext_proc.traces.rows import RowBuilder
 from ext_proc.traces.cost import PriceTable
+from ext_proc.traces.rows import RowBuilder
 from ext_proc.traces.scrub import Scrubber
 from ext_proc.traces.store import TraceStore
 
@@ -184,7 +183,9 @@ def test_shutdown_under_load_keeps_every_trace(tmp_path):
 
 def test_spool_limit_drops_and_counts(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/default"
-    with CollectorProcess(tmp_path, "--spool-limit-mb", "1", env={"XENOVIA_CLICKHOUSE_URL": url}) as down:
+    with CollectorProcess(
+        tmp_path, "--spool-limit-mb", "1", env={"XENOVIA_CLICKHOUSE_URL": url}
+    ) as down:
         big = "x" * 20_000
         for _ in range(10):
             down.export([simple_trace(index, messages=big) for index in range(10)])

@@ -26,7 +26,9 @@ def client(tmp_path):
 
 
 def cluster_statements() -> list[str]:
-    text = "\n".join(line for line in CLUSTER_SQL.read_text().splitlines() if not line.startswith("--"))
+    text = "\n".join(
+        line for line in CLUSTER_SQL.read_text().splitlines() if not line.startswith("--")
+    )
     return [statement.strip() for statement in text.split(";") if statement.strip()]
 
 
@@ -85,7 +87,11 @@ def test_cluster_ddl_parses(client):
 
 def _columns(create_sql: str) -> list[str]:
     body = create_sql[create_sql.index("(") + 1 : create_sql.index("\n)")]
-    return [line.split()[0] for line in body.splitlines() if line.strip() and not line.strip().startswith("INDEX")]
+    return [
+        line.split()[0]
+        for line in body.splitlines()
+        if line.strip() and not line.strip().startswith("INDEX")
+    ]
 
 
 def test_cluster_tables_have_embedded_columns(client):

@@ -22,7 +22,7 @@ START_TIMEOUT_S = 90.0
 # Yesterday 00:00 UTC: recent enough that the row TTL keeps it (expired rows are dropped
 # at insert), with a known wall-clock time for timestamp checks.
 BASE_TIME = datetime.datetime.combine(
-    datetime.date.today() - datetime.timedelta(days=1), datetime.time(), datetime.timezone.utc
+    datetime.date.today() - datetime.timedelta(days=1), datetime.time(), datetime.UTC
 )
 BASE_NANO = int(BASE_TIME.timestamp()) * 1_000_000_000
 

@@ -48,7 +48,7 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
         self.writer = writer
         self.spool = spool
 
-    async def Export(self, request, context):  # noqa: N802 (gRPC method name)
+    async def Export(self, request, context):
         try:
             self.writer.submit(request.traces)
         except PendingFull:
@@ -57,7 +57,7 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
             )
         return trace_pb2.ExportResponse(accepted=len(request.traces))
 
-    async def Query(self, request, context):  # noqa: N802
+    async def Query(self, request, context):
         sql, parameters = request.sql, dict(request.parameters)
         future = self.writer.call(lambda store: store.query(sql, parameters))
         try:
@@ -68,7 +68,7 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return trace_pb2.QueryResponse(column_names=names, rows_json=rows_to_json(rows))
 
-    async def Stats(self, request, context):  # noqa: N802
+    async def Stats(self, request, context):
         counters = self.writer.counters
         return trace_pb2.StatsResponse(
             queued=counters.queued,
@@ -109,7 +109,9 @@ async def serve_collector(
     url = clickhouse_url if clickhouse_url is not None else os.environ.get(CLICKHOUSE_URL_ENV)
     _claim_socket(socket_path)
     spool = Spool(spool_path(home), spool_limit_bytes)
-    builder = RowBuilder(PriceTable.load(prices_file(home)), Scrubber(pii_kinds), default_body_limit)
+    builder = RowBuilder(
+        PriceTable.load(prices_file(home)), Scrubber(pii_kinds), default_body_limit
+    )
 
     def open_store() -> TraceStore:
         return TraceStore.open(home, url or "", retention or Retention())
@@ -122,7 +124,9 @@ async def serve_collector(
         logger.error("trace store unavailable at start, spooling until it returns: %s", exc)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    trace_pb2_grpc.add_TraceCollectorServicer_to_server(TraceCollectorService(writer, spool), server)
+    trace_pb2_grpc.add_TraceCollectorServicer_to_server(
+        TraceCollectorService(writer, spool), server
+    )
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     logger.info("trace collector listening on %s (spool %d batches)", socket_path, len(spool))
@@ -157,7 +161,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--home", help="home folder (default: $XENOVIA_HOME or ./.xenovia)")
     parser.add_argument("--socket", help="Unix socket path (default: HOME/run/collector.sock)")
     parser.add_argument(
-        "--clickhouse-url", help=f"ClickHouse server URL (default: ${CLICKHOUSE_URL_ENV}, else chDB)"
+        "--clickhouse-url",
+        help=f"ClickHouse server URL (default: ${CLICKHOUSE_URL_ENV}, else chDB)",
     )
     parser.add_argument("--retention-days", type=int, default=Retention().row_days,
                         help="days a trace row is kept; 0 keeps it forever")  # fmt: skip

@@ -46,7 +46,9 @@ def add_traces_parser(subparsers) -> argparse.ArgumentParser:
     listing.add_argument("--outcome", help="policy outcome: allow, block, redact, ...")
     listing.add_argument("--status", type=int, help="HTTP status code")
     _add_time_range(listing)
-    listing.add_argument("--limit", type=_positive_int, default=20, help="maximum rows (default 20)")
+    listing.add_argument(
+        "--limit", type=_positive_int, default=20, help="maximum rows (default 20)"
+    )
     _add_json(listing)
     listing.set_defaults(handler=run_list)
 
@@ -57,7 +59,9 @@ def add_traces_parser(subparsers) -> argparse.ArgumentParser:
 
     sessions = commands.add_parser("sessions", help="sessions with turns, tokens and cost")
     sessions.add_argument("--proxy", help="proxy id")
-    sessions.add_argument("--limit", type=_positive_int, default=20, help="maximum rows (default 20)")
+    sessions.add_argument(
+        "--limit", type=_positive_int, default=20, help="maximum rows (default 20)"
+    )
     _add_json(sessions)
     sessions.set_defaults(handler=run_sessions)
 
@@ -248,7 +252,9 @@ def format_trace_tree(trace: dict) -> str:
     for index, step in enumerate(top):
         last = index == len(top) - 1
         lines.append(("└─ " if last else "├─ ") + _step_label(step))
-        nested = children.get(step.get("call_id"), []) if step.get("step_type") == "tool_call" else []
+        nested = (
+            children.get(step.get("call_id"), []) if step.get("step_type") == "tool_call" else []
+        )
         for child_index, child in enumerate(nested):
             branch = "└─ " if child_index == len(nested) - 1 else "├─ "
             lines.append(("   " if last else "│  ") + branch + _step_label(child))

@@ -124,7 +124,7 @@ class TraceExporter:
         self._batch_ready.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), deadline_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         left = len(self._queue)
@@ -197,6 +197,6 @@ class TraceExporter:
                 await asyncio.wait_for(self._batch_ready.wait(), self.flush_interval)
             else:
                 await self._batch_ready.wait()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self._batch_ready.clear()

@@ -209,18 +209,18 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def parse_time(text: str, now: datetime.datetime | None = None) -> int:
     """Return unix microseconds for ``1h``/``30m``/``2d`` (ago) or an ISO 8601 time (UTC if naive)."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     match = _RELATIVE.match(text.strip())
     if match:
         moment = now - datetime.timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
     else:
         try:
-            moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+            moment = datetime.datetime.fromisoformat(text.strip())
         except ValueError as exc:
             raise ValueError(
                 f"invalid time {text!r}: use a duration such as 30m, 1h, 2d or an ISO 8601 time"
             ) from exc
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.timezone.utc)
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+            moment = moment.replace(tzinfo=datetime.UTC)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
     return (moment - epoch) // datetime.timedelta(microseconds=1)

@@ -52,7 +52,9 @@ _TRACE_STRINGS = tuple(
     )
 )  # fmt: skip
 _STEP_STRINGS = tuple(
-    _STEP_INDEX[name] for name in STEP_COLUMNS if name not in ("timestamp", "latency_ms", "attributes")
+    _STEP_INDEX[name]
+    for name in STEP_COLUMNS
+    if name not in ("timestamp", "latency_ms", "attributes")
 )
 _get_trace_strings = itemgetter(*_TRACE_STRINGS)
 _get_step_strings = itemgetter(*_STEP_STRINGS)

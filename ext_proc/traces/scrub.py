@@ -45,7 +45,12 @@ def _has_ssn_hint(text: str) -> bool:
     for match in _DASHED_PAIR.finditer(text):
         start = match.start()
         serial = text[start + 4 : start + 8]
-        if start >= 3 and text[start - 3 : start].isdigit() and len(serial) == 4 and serial.isdigit():
+        if (
+            start >= 3
+            and text[start - 3 : start].isdigit()
+            and len(serial) == 4
+            and serial.isdigit()
+        ):
             return True
     return False
 

@@ -144,7 +144,7 @@ def json_value(value):
     """Convert a value from a ClickHouse result into plain JSON data."""
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.timezone.utc)
+            value = value.replace(tzinfo=datetime.UTC)
         return value.isoformat()
     if isinstance(value, (datetime.date, Decimal)):
         return str(value)

@@ -177,7 +177,7 @@ class TraceWriter:
             return
         try:
             future.set_result(function(self._ensure_store()))
-        except Exception as exc:  # the caller receives the exception through the future
+        except Exception as exc:  # noqa: BLE001 (the caller receives it through the future)
             future.set_exception(exc)
 
     def _fail_waiting_jobs(self) -> None:
