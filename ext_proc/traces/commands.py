@@ -34,7 +34,10 @@ _QUANTILES_SUFFIX = "_quantiles"
 def add_traces_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``traces`` and its subcommands; each sets ``handler(args) -> exit code``."""
     traces = subparsers.add_parser("traces", help="query stored traces")
-    traces.add_argument("--home", help="home folder (default: $XENOVIA_HOME or ./.xenovia)")
+    # SUPPRESS keeps a --home given before `traces` (xenovia --home DIR traces ...) from
+    # being reset to None by this parser's default.
+    traces.add_argument("--home", default=argparse.SUPPRESS,
+                        help="home folder (default: $XENOVIA_HOME or ./.xenovia)")
     commands = traces.add_subparsers(dest="traces_command", required=True)
 
     listing = commands.add_parser("list", help="recent traces, newest first")
@@ -112,7 +115,7 @@ def _filters(args: argparse.Namespace) -> TraceFilters:
 def _run(args: argparse.Namespace, body: Callable) -> int:
     try:
         filters = _filters(args)
-        reader = open_reader(home_path(args.home))
+        reader = open_reader(home_path(getattr(args, "home", None)))
     except (ValueError, ReaderError) as exc:
         print(f"xenovia traces: {exc}", file=sys.stderr)
         return EXIT_FAILED
