@@ -315,3 +315,14 @@ def test_stats_counts_exported_traces(collector):
     assert stats.queued == before.queued + 25
     assert stats.dropped == 0
     assert stats.failed_batches == 0
+
+
+def test_export_sent_twice_is_written_once(collector):
+    trace = full_trace()
+    export_and_wait(collector, [trace])
+
+    assert collector.export([trace]) == 1
+    export_and_wait(collector, [simple_trace(0)])
+
+    assert len(collector.query("SELECT trace_id FROM traces WHERE trace_id = {id:String}",
+                               id=trace.trace_id)) == 1

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+from collections import OrderedDict
 from pathlib import Path
 
 import grpc
@@ -43,18 +44,32 @@ class CollectorAlreadyRunning(Exception):
     """Another process already listens on the collector socket."""
 
 
+# Trace ids remembered to drop a batch that an exporter sends again after a timed-out
+# Export call the collector had in fact accepted.
+RECENT_TRACE_IDS = 200_000
+
+
 class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
     def __init__(self, writer: TraceWriter, spool: Spool) -> None:
         self.writer = writer
         self.spool = spool
+        self._recent_ids: OrderedDict[str, None] = OrderedDict()
+
+    def _remember(self, traces) -> None:
+        for trace in traces:
+            self._recent_ids[trace.trace_id] = None
+        while len(self._recent_ids) > RECENT_TRACE_IDS:
+            self._recent_ids.popitem(last=False)
 
     async def Export(self, request, context):
+        traces = [trace for trace in request.traces if trace.trace_id not in self._recent_ids]
         try:
-            self.writer.submit(request.traces)
+            self.writer.submit(traces)
         except PendingFull:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "trace collector backlog is full; retry later"
             )
+        self._remember(traces)
         return trace_pb2.ExportResponse(accepted=len(request.traces))
 
     async def Query(self, request, context):
