@@ -70,9 +70,10 @@ def parse_event(raw: bytes) -> SseEvent:
     return event
 
 
-def encode_event(data: dict, event: str = "") -> bytes:
-    prefix = f"event: {event}\n".encode() if event else b""
-    return prefix + b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+def make_event(data: dict, event: str = "") -> SseEvent:
+    text = json.dumps(data, separators=(",", ":"))
+    prefix = f"event: {event}\n" if event else ""
+    return SseEvent(f"{prefix}data: {text}\n\n".encode(), event, text)
 
 
 @dataclass
@@ -119,7 +120,11 @@ class ModelOutput:
         message: dict = {"role": "assistant", "content": self.content}
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
                 for _, call in sorted(self.tool_calls.items())
             ]
         return message
@@ -156,7 +161,9 @@ class ModelOutput:
 
     def _add_tool_call_delta(self, call: dict, position: int) -> None:
         index = call.get("index", position)
-        entry = self.tool_calls.setdefault(index if isinstance(index, int) else position, ToolCall())
+        entry = self.tool_calls.setdefault(
+            index if isinstance(index, int) else position, ToolCall()
+        )
         if call.get("id"):
             entry.id = str(call["id"])
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
@@ -172,7 +179,9 @@ class ModelOutput:
         elif status == "incomplete":
             details = response.get("incomplete_details") or {}
             reason = details.get("reason") if isinstance(details, dict) else None
-            self.finish_reason = "length" if reason == "max_output_tokens" else str(reason or "incomplete")
+            self.finish_reason = (
+                "length" if reason == "max_output_tokens" else str(reason or "incomplete")
+            )
         self.content_parts = []
         self.tool_calls = {}
         for item in response.get("output") or []:
@@ -184,7 +193,9 @@ class ModelOutput:
                         self.content_parts.append(part["text"])
             elif item.get("type") == "function_call":
                 self.tool_calls[len(self.tool_calls)] = ToolCall(
-                    str(item.get("call_id", "")), str(item.get("name", "")), str(item.get("arguments", ""))
+                    str(item.get("call_id", "")),
+                    str(item.get("name", "")),
+                    str(item.get("arguments", "")),
                 )
                 self.finish_reason = "tool_calls"
 
@@ -203,6 +214,12 @@ class ModelOutput:
         event_type = event.get("type", "")
         if event_type == "response.output_text.delta" and isinstance(event.get("delta"), str):
             self.content_parts.append(event["delta"])
+        elif event_type in ("response.output_item.added", "response.output_item.done"):
+            self._add_responses_item(event)
+        elif event_type == "response.function_call_arguments.delta":
+            call = self.tool_calls.get(event.get("output_index"))
+            if call is not None and isinstance(event.get("delta"), str):
+                call.arguments += event["delta"]
         elif event_type in ("response.created", "response.in_progress"):
             response = event.get("response") or {}
             self.response_id = str(response.get("id") or self.response_id)
@@ -216,6 +233,25 @@ class ModelOutput:
                     self.usage = response["usage"]
                 self._add_response_object(response)
             self.completed = event_type == "response.completed"
+
+    def _add_responses_item(self, event: dict) -> None:
+        """Track a function call from the event that opens it, so live policies see its name early.
+
+        Calls are keyed by output index until ``response.completed`` replaces them all.
+        """
+        item = event.get("item")
+        index = event.get("output_index")
+        if (
+            not isinstance(item, dict)
+            or item.get("type") != "function_call"
+            or not isinstance(index, int)
+        ):
+            return
+        call = self.tool_calls.setdefault(index, ToolCall())
+        call.id = str(item.get("call_id") or call.id)
+        call.name = str(item.get("name") or call.name)
+        if isinstance(item.get("arguments"), str) and item["arguments"]:
+            call.arguments = item["arguments"]
 
 
 def is_usage_only_chunk(chunk: dict) -> bool:
