@@ -1,0 +1,580 @@
+"""Response-stage policies end to end: blocks and redaction of plain and streamed answers."""
+
+import json
+import uuid
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from conftest import wait_for_trace
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parent.parent
+DROP_TABLE_POLICY = REPO / "policies" / "response_block_drop_table.rego"
+REDACT_POLICY = REPO / "policies" / "redact_pii.rego"
+MESSAGES = [{"role": "user", "content": "Clean up the database."}]
+DROP_TABLE_CALL = 'drop_table;{"table": "customers", "cascade": true}'
+EMAIL = "jane.doe@example.com"
+EMAIL_ANSWER = f"Write to {EMAIL} for access, or call the desk."
+REDACTED_ANSWER = "Write to [REDACTED_EMAIL] for access, or call the desk."
+BLOCK_BODY_KEYS = {
+    "message": "request blocked by policy",
+    "type": "policy_violation",
+    "code": "policy_block",
+}
+MODES = ["hold", "live"]
+
+
+def client_for(access) -> OpenAI:
+    return OpenAI(api_key=access.key, base_url=access.base_url, max_retries=0)
+
+
+def raw_chat(access, headers, stream, messages=MESSAGES) -> httpx.Response:
+    payload = {"model": "gpt-4o-mini", "messages": messages, "stream": stream}
+    all_headers = {"authorization": f"Bearer {access.key}", **headers}
+    return httpx.post(
+        access.base_url + "/chat/completions", headers=all_headers, json=payload, timeout=30
+    )
+
+
+def sse_payloads(body: bytes) -> list:
+    payloads = []
+    for event in body.decode().split("\n\n"):
+        lines = [line[6:] for line in event.splitlines() if line.startswith("data: ")]
+        if lines:
+            data = "\n".join(lines)
+            payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
+
+
+def content_of(chunks) -> str:
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+def tool_deltas(chunks) -> list:
+    return [
+        call
+        for chunk in chunks
+        if chunk.choices
+        for call in chunk.choices[0].delta.tool_calls or []
+    ]
+
+
+def assert_rule(trace, policy_name):
+    assert trace["policy_rule_id"].startswith(policy_name)
+    assert trace["policy_rule_id"].endswith(".deny")
+
+
+def assert_block_body(response):
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json() == {
+        "error": {**BLOCK_BODY_KEYS, "request_id": response.headers["x-xenovia-trace-id"]}
+    }
+    assert uuid.UUID(response.headers["x-xenovia-session-id"])
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("policies")
+    (folder / "deny_word.rego").write_text(
+        "package xenovia.policy\n\n"
+        'deny contains "the answer mentions classified material" if {\n'
+        '    contains(input.output.content, "classified")\n'
+        "}\n"
+    )
+    (folder / "deny_argument.rego").write_text(
+        "package xenovia.policy\n\n"
+        'deny contains "the tool call targets production" if {\n'
+        "    some call in input.output.tool_calls\n"
+        '    contains(call.name, "deploy")\n'
+        '    call.arguments.target == "production"\n'
+        "}\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def drop_table(gateway):
+    """Proxies with the drop_table response policy: one plain-stream default (hold), one live."""
+    proxies = {}
+    for mode in MODES:
+        access = gateway.new_proxy(f"drop-{mode}", "--stream-policy-mode", mode)
+        assert gateway.attach(access.proxy_id, "response", DROP_TABLE_POLICY).returncode == 0
+        proxies[mode] = access
+    return proxies
+
+
+@pytest.fixture(scope="module")
+def redacting(gateway):
+    proxies = {}
+    for mode in MODES:
+        access = gateway.new_proxy(f"redact-{mode}", "--stream-policy-mode", mode)
+        assert gateway.attach(access.proxy_id, "request", REDACT_POLICY).returncode == 0
+        assert gateway.attach(access.proxy_id, "response", REDACT_POLICY).returncode == 0
+        proxies[mode] = access
+    return proxies
+
+
+# Blocks.
+
+
+def test_plain_tool_call_blocked(gateway, drop_table):
+    access = drop_table["hold"]
+    before = gateway.provider.request_count
+
+    with pytest.raises(openai.PermissionDeniedError) as raised:
+        client_for(access).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            extra_headers={"x-mock-tool-call": DROP_TABLE_CALL},
+        )
+
+    assert gateway.provider.request_count == before + 1
+    response = raised.value.response
+    assert_block_body(response)
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "block_response"
+    assert trace["status"] == 403
+    assert_rule(trace, "response_block_drop_table")
+    assert trace["policy_reason"] == "the model called drop_table"
+    assert trace["stream_policy_mode"] == "none"
+
+
+def test_plain_other_tool_call_allowed(drop_table):
+    completion = client_for(drop_table["hold"]).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-mock-tool-call": "list_tables"}
+    )
+
+    assert completion.choices[0].message.tool_calls[0].function.name == "list_tables"
+
+
+def test_held_stream_blocked_before_any_byte(gateway, drop_table):
+    access = drop_table["hold"]
+    before = gateway.provider.request_count
+
+    response = raw_chat(access, {"x-mock-tool-call": DROP_TABLE_CALL}, stream=True)
+
+    assert_block_body(response)
+    assert b"drop_table" not in response.content
+    assert gateway.provider.request_count == before + 1
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "block_response"
+    assert trace["status"] == 403
+    assert trace["stream_policy_mode"] == "hold"
+    assert_rule(trace, "response_block_drop_table")
+
+
+def test_held_stream_sdk_raises_permission_denied(drop_table):
+    client = client_for(drop_table["hold"])
+
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"x-mock-tool-call": DROP_TABLE_CALL},
+        )
+
+
+def test_live_stream_blocked_with_error_event(gateway, drop_table):
+    client = client_for(drop_table["live"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-tool-call": DROP_TABLE_CALL},
+    )
+    received = []
+
+    with pytest.raises(openai.APIError) as raised:
+        # One by one, so that the chunks before the error event are kept.
+        for chunk in raw.parse():
+            received.append(chunk)  # noqa: PERF402
+
+    assert raised.value.body["code"] == "policy_block"
+    assert raised.value.body["type"] == "policy_violation"
+    assert not [
+        call
+        for call in tool_deltas(received)
+        if call.function and call.function.name == "drop_table"
+    ]
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "block_response"
+    assert trace["stream_policy_mode"] == "live"
+    assert trace["stream_completed"] is False
+    assert trace["error_type"] == "policy_block"
+    assert_rule(trace, "response_block_drop_table")
+
+
+def test_live_stream_block_raw_bytes(drop_table):
+    response = raw_chat(drop_table["live"], {"x-mock-tool-call": DROP_TABLE_CALL}, stream=True)
+
+    assert response.status_code == 200
+    assert b"drop_table" not in response.content
+    assert b"customers" not in response.content
+    payloads = sse_payloads(response.content)
+    assert payloads[-1] == {
+        "error": {**BLOCK_BODY_KEYS, "request_id": response.headers["x-xenovia-trace-id"]}
+    }
+    assert "[DONE]" not in payloads
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_other_tool_call_allowed(drop_table, mode):
+    arguments = json.dumps({"schema": "public"})
+    stream = client_for(drop_table[mode]).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-tool-call": f"list_tables;{arguments}"},
+    )
+
+    deltas = tool_deltas(list(stream))
+
+    assert deltas[0].function.name == "list_tables"
+    assert "".join(call.function.arguments or "" for call in deltas) == arguments
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stream_text_passes_under_policy(gateway, drop_table, mode):
+    answer = " ".join(f"token{i}" for i in range(40))
+    raw = client_for(drop_table[mode]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_headers={"x-mock-answer": answer}
+    )
+
+    chunks = list(raw.parse())
+
+    assert content_of(chunks) == answer
+    assert all(chunk.choices for chunk in chunks)
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["stream_policy_mode"] == mode
+    assert trace["stream_completed"] is True
+    assert trace["policy_outcome"] == "allow"
+    assert trace["tokens_out"] == 40
+    assert trace["ttft_ms"] > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_stream_under_policy(gateway, drop_table, mode):
+    response = raw_chat(drop_table[mode], {"x-mock-truncate": "1"}, stream=True)
+
+    assert response.status_code == 200
+    payloads = sse_payloads(response.content)
+    assert payloads[-1]["error"]["code"] == "stream_incomplete"
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["stream_completed"] is False
+    assert trace["error_type"] == "stream_incomplete"
+    assert trace["stream_policy_mode"] == mode
+
+
+def test_live_split_event_still_evaluated(gateway, policy_dir):
+    access = gateway.new_proxy("split-live", "--stream-policy-mode", "live")
+    assert (
+        gateway.attach(access.proxy_id, "response", policy_dir / "deny_word.rego").returncode == 0
+    )
+    headers = {"x-mock-split-event": "1", "x-mock-answer": "classified material follows here"}
+
+    response = raw_chat(access, headers, stream=True)
+
+    assert response.status_code == 200
+    # The split event carries the first word; no half of it may reach the client.
+    assert b"classi" not in response.content
+    assert b"fied" not in response.content
+    assert sse_payloads(response.content)[-1]["error"]["code"] == "policy_block"
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "block_response"
+
+
+def test_live_split_tool_arguments_evaluated(gateway, policy_dir):
+    access = gateway.new_proxy("split-args", "--stream-policy-mode", "live")
+    assert (
+        gateway.attach(access.proxy_id, "response", policy_dir / "deny_argument.rego").returncode
+        == 0
+    )
+    arguments = json.dumps({"target": "production"})
+    headers = {"x-mock-split-event": "1", "x-mock-tool-call": f"deploy;{arguments}"}
+
+    blocked = raw_chat(access, headers, stream=True)
+    allowed = client_for(access).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={**headers, "x-mock-tool-call": 'deploy;{"target": "staging"}'},
+    )
+
+    assert sse_payloads(blocked.content)[-1]["error"]["code"] == "policy_block"
+    assert b"production" not in blocked.content
+    deltas = tool_deltas(list(allowed))
+    assert "".join(call.function.arguments or "" for call in deltas) == '{"target": "staging"}'
+
+
+def test_gzip_tool_call_blocked(gateway, drop_table):
+    headers = {"x-mock-gzip": "1", "x-mock-tool-call": DROP_TABLE_CALL}
+
+    plain = raw_chat(drop_table["hold"], headers, stream=False)
+    held = raw_chat(drop_table["hold"], headers, stream=True)
+    live = raw_chat(drop_table["live"], headers, stream=True)
+
+    assert_block_body(plain)
+    assert_block_body(held)
+    assert live.status_code == 200
+    assert b"drop_table" not in live.content
+    assert sse_payloads(live.content)[-1]["error"]["code"] == "policy_block"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gzip_stream_passes_under_policy(drop_table, mode):
+    stream = client_for(drop_table[mode]).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-gzip": "1", "x-mock-answer": EMAIL_ANSWER},
+    )
+
+    assert content_of(list(stream)) == EMAIL_ANSWER
+
+
+# Redaction.
+
+
+def test_request_redaction_hides_email_from_provider(gateway, redacting):
+    gateway.provider.reset()
+    messages = [{"role": "user", "content": f"My address is {EMAIL}, please remember it."}]
+
+    raw = client_for(redacting["hold"]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, extra_headers={"x-mock-echo": "1"}
+    )
+
+    seen = gateway.provider.requests[-1]["body"]
+    assert EMAIL not in seen
+    assert "[REDACTED_EMAIL]" in seen
+    assert (
+        raw.parse().choices[0].message.content
+        == "My address is [REDACTED_EMAIL], please remember it."
+    )
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "redact"
+    assert trace["redacted_kinds"] == ["email"]
+    assert EMAIL not in json.dumps(trace, default=str)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_request_redaction(gateway, redacting, mode):
+    gateway.provider.reset()
+    messages = [{"role": "user", "content": f"Reach me at {EMAIL} today."}]
+
+    stream = client_for(redacting[mode]).chat.completions.create(
+        model="gpt-4o-mini", messages=messages, stream=True, extra_headers={"x-mock-echo": "1"}
+    )
+
+    assert content_of(list(stream)) == "Reach me at [REDACTED_EMAIL] today."
+    assert EMAIL not in gateway.provider.requests[-1]["body"]
+
+
+def test_plain_answer_redacted(gateway, redacting):
+    raw = client_for(redacting["hold"]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-mock-answer": EMAIL_ANSWER}
+    )
+
+    assert raw.parse().choices[0].message.content == REDACTED_ANSWER
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "redact_response"
+    assert trace["redacted_kinds"] == ["email"]
+    assert EMAIL not in json.dumps(trace, default=str)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_answer_redacted(gateway, redacting, mode):
+    raw = client_for(redacting[mode]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-answer": EMAIL_ANSWER},
+    )
+
+    chunks = list(raw.parse())
+
+    assert content_of(chunks) == REDACTED_ANSWER
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "redact_response"
+    assert trace["redacted_kinds"] == ["email"]
+    assert trace["stream_policy_mode"] == mode
+    assert trace["stream_completed"] is True
+    assert EMAIL not in json.dumps(trace, default=str)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_answer_raw_bytes_redacted(redacting, mode):
+    response = raw_chat(
+        redacting[mode], {"x-mock-answer": EMAIL_ANSWER, "x-mock-split-event": "1"}, stream=True
+    )
+
+    assert EMAIL.encode() not in response.content
+    assert b"jane" not in response.content
+    payloads = sse_payloads(response.content)
+    assert payloads[-1] == "[DONE]"
+    text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads[:-1])
+    assert text == REDACTED_ANSWER
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_tool_arguments_redacted(redacting, mode):
+    arguments = json.dumps({"to": EMAIL, "subject": "access"})
+    stream = client_for(redacting[mode]).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-tool-call": f"send_mail;{arguments}"},
+    )
+
+    deltas = tool_deltas(list(stream))
+
+    assert deltas[0].function.name == "send_mail"
+    joined = "".join(call.function.arguments or "" for call in deltas)
+    assert json.loads(joined) == {"to": "[REDACTED_EMAIL]", "subject": "access"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "held"])
+def test_gzip_answer_redacted(redacting, stream):
+    response = raw_chat(
+        redacting["hold"], {"x-mock-gzip": "1", "x-mock-answer": EMAIL_ANSWER}, stream=stream
+    )
+
+    assert response.status_code == 200
+    assert "content-encoding" not in response.headers
+    if stream:
+        payloads = sse_payloads(response.content)
+        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads[:-1])
+    else:
+        text = response.json()["choices"][0]["message"]["content"]
+    assert text == REDACTED_ANSWER
+
+
+def test_live_gzip_answer_redacted(redacting):
+    stream = client_for(redacting["live"]).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-gzip": "1", "x-mock-answer": EMAIL_ANSWER},
+    )
+
+    assert content_of(list(stream)) == REDACTED_ANSWER
+
+
+# Dry run.
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dry_run_records_without_blocking(gateway, mode):
+    access = gateway.new_proxy(f"dry-{mode}", "--stream-policy-mode", mode)
+    assert (
+        gateway.attach(access.proxy_id, "response", DROP_TABLE_POLICY, "--dry-run").returncode == 0
+    )
+    client = client_for(access)
+
+    plain = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"x-mock-tool-call": DROP_TABLE_CALL}
+    )
+    streamed = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-tool-call": DROP_TABLE_CALL},
+    )
+
+    assert plain.parse().choices[0].message.tool_calls[0].function.name == "drop_table"
+    assert tool_deltas(list(streamed.parse()))[0].function.name == "drop_table"
+    for raw in (plain, streamed):
+        trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+        assert trace["status"] == 200
+        assert trace["policy_outcome"] == "allow"
+        assert trace["dry_run"] is True
+        assert trace["dry_run_outcome"] == "block_response"
+        assert_rule(trace, "response_block_drop_table")
+
+
+def test_request_dry_run_records_block(gateway):
+    access = gateway.new_proxy("dry-request")
+    policy = REPO / "policies" / "block_dangerous_tools.rego"
+    assert gateway.attach(access.proxy_id, "request", policy, "--dry-run").returncode == 0
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "delete_database", "parameters": {"type": "object"}},
+        }
+    ]
+
+    raw = client_for(access).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MESSAGES, tools=tools
+    )
+
+    assert raw.parse().choices[0].message.content
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["status"] == 200
+    assert trace["dry_run"] is True
+    assert trace["dry_run_outcome"] == "block"
+    assert_rule(trace, "block_dangerous_tools")
+
+
+# Policy tooling.
+
+
+def test_policy_test_cli_response_block(gateway, tmp_path):
+    document = {
+        "request_type": "chat_completions",
+        "model": "gpt-4o-mini",
+        "output": {
+            "content": "",
+            "tool_calls": [{"id": "call_1", "name": "drop_table", "arguments": {}}],
+            "finish_reason": "tool_calls",
+            "usage": None,
+            "model": "gpt-4o-mini",
+        },
+    }
+    input_file = tmp_path / "input.json"
+    input_file.write_text(json.dumps(document))
+
+    result = gateway.cli(
+        "policy",
+        "test",
+        str(DROP_TABLE_POLICY),
+        "--input",
+        str(input_file),
+        "--stage",
+        "response",
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert "outcome: block_response" in result.stdout
+    assert "reason: the model called drop_table" in result.stdout
+
+
+def test_policy_test_cli_redact_and_allow(gateway, tmp_path):
+    input_file = tmp_path / "input.json"
+    input_file.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "tool_names": []})
+    )
+
+    redact = gateway.cli(
+        "policy", "test", str(REDACT_POLICY), "--input", str(input_file), check=False
+    )
+    allow = gateway.cli(
+        "policy",
+        "test",
+        str(DROP_TABLE_POLICY),
+        "--input",
+        str(input_file),
+        "--stage",
+        "request",
+        check=False,
+    )
+
+    assert redact.returncode == 0
+    assert "outcome: redact" in redact.stdout
+    assert "redact_fields: email, ssn" in redact.stdout
+    assert allow.returncode == 0
+    assert "outcome: allow" in allow.stdout
