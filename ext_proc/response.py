@@ -63,8 +63,8 @@ class ResponseHandler(StreamBodies):
 
         has_policy = self._response_engine() is not None
         if has_policy and self.exchange.proxy.stream_policy_mode == "hold":
-            # Envoy holds the response headers until the buffered body is answered, so a
-            # block can still become a 403.
+            # In BUFFERED mode Envoy holds the response headers until the service replies to
+            # the body, so a block still becomes a 403 before any byte reaches the client.
             self.stream_mode = "hold"
             return msgs.response_headers_reply(mutation, msgs.BUFFERED)
         self.stream_mode = "live" if has_policy else "none"
@@ -195,7 +195,7 @@ class ResponseHandler(StreamBodies):
         if not kinds:
             return False
         self.exchange.redacted_kinds |= kinds
-        if self.exchange.policy_outcome in ("allow", "redact"):
+        if self.exchange.policy_outcome in ("", "allow", "redact"):
             self.exchange.policy_outcome = "redact_response"
         return True
 

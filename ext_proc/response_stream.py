@@ -7,6 +7,7 @@ handler's state (exchange, output, stream_mode, reassembler, decompressor).
 from __future__ import annotations
 
 import logging
+import zlib
 
 from ext_proc import envoy_messages as msgs
 from ext_proc import errors, redaction
@@ -23,7 +24,7 @@ class StreamBodies:
     def _on_held_stream(self, body: bytes) -> msgs.ProcessingResponse:
         self._mark_first_byte()
         decoded = self._decode_whole(body)
-        # A partial event at the end of the body is dropped: SSE clients never dispatch one.
+        # SSE clients never dispatch a partial event at the end of a body, so it is dropped.
         events = [event for event in self._reassembler.feed(decoded) if self._observe_event(event)]
         self.stream_completed = self._stream_done()
 
@@ -46,7 +47,7 @@ class StreamBodies:
         return self._replace_whole_body(out)
 
     def _evaluate(self):
-        """Evaluate the response policy on the output so far; None when none is attached any more."""
+        """Evaluate the response policy on the output so far; None once the proxy has no policy."""
         return self.exchange.evaluate_policy("response", self.output.as_input())
 
     # Streams passed chunk by chunk (no response policy, or live mode).
@@ -57,11 +58,19 @@ class StreamBodies:
             return self._chunk_reply(b"")
         if chunk:
             self._mark_first_byte()
-        decoded = self._decompressor.decompress(chunk) if self._decompressor else chunk
+        try:
+            decoded = self._decompressor.decompress(chunk) if self._decompressor else chunk
+        except zlib.error as exc:
+            logger.warning(
+                "trace %s: provider sent an invalid gzip stream: %s", self.exchange.trace_id, exc
+            )
+            self.ended = True
+            self.stream_completed = False
+            return self._chunk_reply(self._incomplete_event().raw)
         held_before = bool(self._reassembler.pending)
         events = self._reassembler.feed(decoded)
-        # A partial event is held back until the rest of it arrives; the reply then carries
-        # the whole event.
+        # A partial event is held back until the rest of it arrives, and the reply to that
+        # later chunk carries the whole event.
         changed = self._decompressor is not None or held_before or bool(self._reassembler.pending)
         out: list[SseEvent] = []
         for event in events:
@@ -144,6 +153,7 @@ class StreamBodies:
         if event.json() is None and not event.is_done_marker:
             return [event]
         decision = self._evaluate()
+        self._merge_live_policy_steps()
         if decision is not None and decision.outcome == "deny":
             return [self._end_with_block(decision)]
         if decision is not None and decision.redact_fields and self._live_redactor is None:
@@ -153,6 +163,20 @@ class StreamBodies:
         sent = self._live_redactor.redact(event)
         self._record_redaction(self._live_redactor.counts)
         return sent
+
+    def _merge_live_policy_steps(self) -> None:
+        """Keep one trace step for all the evaluations of a live stream, not one per event.
+
+        The step keeps the first start time, the summed latency, the last verdict and rule,
+        and counts the evaluations.
+        """
+        steps = self.exchange.steps
+        if len(steps) < 2 or steps[-1][1] != "response_policy" or steps[-2][1] != "response_policy":
+            return
+        first, last = steps[-2], steps.pop()
+        evaluations = int(first[5].get("evaluations", "1")) + 1
+        attributes = {**last[5], "evaluations": str(evaluations)}
+        steps[-1] = (first[0], first[1], first[2], first[3] + last[3], last[4], attributes)
 
     def _end_with_block(self, decision) -> SseEvent:
         self.blocked = True
