@@ -206,6 +206,30 @@ def test_responses_stream_redacted(gateway, mode):
     assert EMAIL not in json.dumps(trace, default=str)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_responses_stream_arguments_redacted(gateway, mode):
+    access = gateway.new_proxy(f"responses-args-{mode}", "--stream-policy-mode", mode)
+    assert gateway.attach(access.proxy_id, "response", REDACT_POLICY).returncode == 0
+    arguments = json.dumps({"to": EMAIL, "subject": "access request"})
+
+    events = list(
+        client_for(access).responses.create(
+            model="gpt-4o-mini",
+            input="Mail them.",
+            stream=True,
+            extra_headers={"x-mock-tool-call": f"send_mail;{arguments}"},
+        )
+    )
+
+    expected = {"to": "[REDACTED_EMAIL]", "subject": "access request"}
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert json.loads("".join(deltas)) == expected
+    assert json.loads(done[0].arguments) == expected
+    assert json.loads(events[-1].response.output[0].arguments) == expected
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+
+
 def test_responses_plain_redacted(gateway):
     access = gateway.new_proxy("responses-redact-plain")
     assert gateway.attach(access.proxy_id, "response", REDACT_POLICY).returncode == 0

@@ -10,6 +10,9 @@ import pytest
 from conftest import wait_for_trace
 from openai import OpenAI
 
+from ext_proc.sse import SseEvent, make_event
+from ext_proc.stream_redaction import LiveRedactor, redact_held_events
+
 REPO = Path(__file__).resolve().parent.parent
 DROP_TABLE_POLICY = REPO / "policies" / "response_block_drop_table.rego"
 REDACT_POLICY = REPO / "policies" / "redact_pii.rego"
@@ -154,7 +157,10 @@ def test_held_stream_blocked_before_any_byte(gateway, drop_table):
     access = drop_table["hold"]
     before = gateway.provider.request_count
 
-    response = raw_chat(access, {"x-mock-tool-call": DROP_TABLE_CALL}, stream=True)
+    # The pause between events gives Envoy time to send headers early, were it not holding them.
+    headers = {"x-mock-tool-call": DROP_TABLE_CALL, "x-mock-chunk-delay-ms": "20"}
+
+    response = raw_chat(access, headers, stream=True)
 
     assert_block_body(response)
     assert b"drop_table" not in response.content
@@ -254,6 +260,10 @@ def test_stream_text_passes_under_policy(gateway, drop_table, mode):
     assert trace["policy_outcome"] == "allow"
     assert trace["tokens_out"] == 40
     assert trace["ttft_ms"] > 0
+    policy_steps = [step for step in trace["steps"] if step["name"] == "response_policy"]
+    assert len(policy_steps) == 1
+    if mode == "live":
+        assert int(policy_steps[0]["attributes"]["evaluations"]) > 40
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -578,3 +588,60 @@ def test_policy_test_cli_redact_and_allow(gateway, tmp_path):
     assert "redact_fields: email, ssn" in redact.stdout
     assert allow.returncode == 0
     assert "outcome: allow" in allow.stdout
+
+
+# The mock splits text only at whitespace, so these check addresses cut mid-word directly.
+
+
+def chat_chunk(delta: dict, finish_reason=None) -> SseEvent:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    return make_event({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]})
+
+
+SPLIT_PIECES = ["Write to ja", "ne.doe@exa", "mple.com for", " access, or call the desk."]
+
+
+def joined_content(events) -> str:
+    parts = []
+    for event in events:
+        data = event.json()
+        if data and data.get("choices"):
+            parts.append(data["choices"][0]["delta"].get("content") or "")
+    return "".join(parts)
+
+
+def test_held_redaction_joins_split_address():
+    events = [chat_chunk({"content": piece}) for piece in SPLIT_PIECES]
+    events.append(chat_chunk({}, "stop"))
+
+    redacted, counts = redact_held_events("chat_completions", events, frozenset({"email"}))
+
+    assert joined_content(redacted) == REDACTED_ANSWER
+    assert counts == {"email": 1}
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["finish-chunk", "done-marker"])
+def test_live_redaction_joins_split_address(finish):
+    redactor = LiveRedactor("chat_completions", frozenset({"email"}))
+    events = [chat_chunk({"content": piece}) for piece in SPLIT_PIECES]
+    if finish:
+        events.append(chat_chunk({}, "stop"))
+    events.append(SseEvent(b"data: [DONE]\n\n", data="[DONE]"))
+
+    sent = [out for event in events for out in redactor.redact(event)]
+
+    assert joined_content(sent) == REDACTED_ANSWER
+    assert b"jane" not in b"".join(event.raw for event in sent)
+    assert sent[-1].is_done_marker
+    assert redactor.counts == {"email": 1}
+
+
+def test_live_redaction_flushes_cut_stream():
+    redactor = LiveRedactor("chat_completions", frozenset({"email"}))
+    sent = [
+        out for piece in SPLIT_PIECES[:3] for out in redactor.redact(chat_chunk({"content": piece}))
+    ]
+
+    sent += redactor.flush()
+
+    assert joined_content(sent) == "Write to [REDACTED_EMAIL] for"
