@@ -15,20 +15,27 @@ from pathlib import Path
 
 from ext_proc import home as home_paths
 from ext_proc import keys, policy
-from ext_proc.registry import BODY_MODES, STAGES, STREAM_POLICY_MODES, RegistryEditor, RegistryError
+from ext_proc.registry import (
+    BODY_MODES,
+    DEFAULT_BODY_LIMIT,
+    STAGES,
+    STREAM_POLICY_MODES,
+    RegistryEditor,
+    RegistryError,
+)
 from ext_proc.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
 
 
 def _editor(args) -> RegistryEditor:
-    return RegistryEditor(home_paths.home_dir(args.home))
+    return RegistryEditor(home_paths.home_dir(getattr(args, "home", None)))
 
 
 def cmd_up(args) -> int:
     from ext_proc.supervisor import GatewayProcesses, StartupError
 
-    home = home_paths.home_dir(args.home)
+    home = home_paths.home_dir(getattr(args, "home", None))
     gateway = GatewayProcesses(home, args.port, args.admin_port, args.workers, args.listen)
     try:
         gateway.start()
@@ -88,12 +95,18 @@ def cmd_proxy_list(args) -> int:
 
 def cmd_key_create(args) -> int:
     key = keys.generate_key()
-    _editor(args).create_key(args.proxy, keys.hash_key(key))
+    key_id = _editor(args).create_key(args.proxy, keys.hash_key(key))
     print(key)
+    print(f"created key {key_id} for {', '.join(args.proxy)}; it is shown only once",
+          file=sys.stderr)
     return 0
 
 
 def cmd_key_revoke(args) -> int:
+    if args.key_id.startswith(keys.KEY_PREFIX):
+        print("error: key revoke takes a key id (key_...), not the key itself; "
+              "see `xenovia key list`", file=sys.stderr)
+        return 2
     _editor(args).revoke_key(args.key_id)
     print(f"revoked {args.key_id}", file=sys.stderr)
     return 0
@@ -105,10 +118,10 @@ def cmd_key_list(args) -> int:
         for entry in entries:
             print(json.dumps(entry, sort_keys=True))
         return 0
-    print(f"{'ID':<22} {'PROXIES':<40} {'CREATED':<21} REVOKED")
+    print(f"{'ID':<22} {'CREATED':<21} {'REVOKED':<21} PROXIES")
     for entry in entries:
-        print(f"{entry['id']:<22} {','.join(entry['proxies'])[:40]:<40} "
-              f"{entry.get('created_at', ''):<21} {entry.get('revoked_at', '-')}")
+        print(f"{entry['id']:<22} {entry.get('created_at', ''):<21} "
+              f"{entry.get('revoked_at', '-'):<21} {','.join(entry['proxies'])}")
     return 0
 
 
@@ -124,15 +137,35 @@ def cmd_policy_attach(args) -> int:
     except policy.PolicyCompileError as exc:
         print(f"error: policy not attached, it does not compile: {exc}", file=sys.stderr)
         return 2
-    # The policy's name (the file name without .rego) prefixes the rule ids in traces.
-    _editor(args).attach_policy(args.proxy, args.stage, path.stem, source, compiled.sha256, args.dry_run)
+    # The policy's name (the file name without .rego) prefixes the rule ids in traces, and
+    # attaching a policy of the same name replaces it.
+    name = args.name or path.stem
+    replaced = _editor(args).attach_policy(
+        args.proxy, args.stage, name, source, compiled.sha256, args.dry_run
+    )
+    verb = "replaced" if replaced else "attached"
     mode = " in dry-run mode" if args.dry_run else ""
-    print(f"attached {path.name} to {args.proxy} at the {args.stage} stage{mode}", file=sys.stderr)
+    print(f"{verb} policy {name} on {args.proxy} at the {args.stage} stage{mode}", file=sys.stderr)
     return 0
 
 
 def cmd_policy_detach(args) -> int:
-    _editor(args).detach_policy(args.proxy, args.stage)
+    removed = _editor(args).detach_policy(args.proxy, args.stage, args.name)
+    print(f"detached {', '.join(removed)} from {args.proxy} at the {args.stage} stage", file=sys.stderr)
+    return 0
+
+
+def cmd_policy_list(args) -> int:
+    rows = _editor(args).list_policies(args.proxy)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    print(f"{'PROXY':<22} {'STAGE':<9} {'NAME':<32} {'MODE':<8} ATTACHED")
+    for row in rows:
+        mode = "dry-run" if row.get("dry_run") else "enforce"
+        print(f"{row['proxy_id']:<22} {row['stage']:<9} {row['name']:<32} {mode:<8} "
+              f"{row.get('attached_at', '')}")
     return 0
 
 
@@ -157,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the gateway in the foreground")
     up.add_argument("--port", type=int, default=8080, help="listener port (default 8080)")
     up.add_argument("--listen", default="127.0.0.1", help="listener address (default 127.0.0.1)")
-    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port on 127.0.0.1")
+    up.add_argument("--admin-port", type=int, default=9901,
+                    help="Envoy admin port on 127.0.0.1 (default 9901)")
     up.add_argument("--workers", type=int, default=int(os.environ.get("XENOVIA_WORKERS", "1")),
                     help="ext_proc worker processes (default 1)")
     up.set_defaults(handler=cmd_up)
@@ -169,13 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
     from ext_proc.traces.commands import add_traces_parser
 
     add_traces_parser(commands)
+    _accept_home_anywhere(parser)
     return parser
+
+
+def _accept_home_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every subcommand take --home too, as in `xenovia proxy list --home DIR`.
+
+    SUPPRESS keeps a subcommand from resetting a --home given before it.
+    """
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for subparser in action.choices.values():
+            if not any("--home" in option.option_strings for option in subparser._actions):
+                subparser.add_argument("--home", default=argparse.SUPPRESS,
+                                       help="home folder (default: $XENOVIA_HOME or ./.xenovia)")
+            _accept_home_anywhere(subparser)
 
 
 def _add_proxy_commands(commands) -> None:
     proxy = commands.add_parser("proxy", help="manage proxies").add_subparsers(dest="action", required=True)
     create = proxy.add_parser("create", help="create a proxy; prints its id")
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, help="a label for people; ids identify proxies")
     create.add_argument("--upstream-url", required=True,
                         help="provider base URL as an OpenAI client takes it, e.g. https://api.openai.com/v1")
     create.add_argument("--upstream-key-env",
@@ -187,9 +237,9 @@ def _add_proxy_commands(commands) -> None:
     create.set_defaults(handler=cmd_proxy_create)
 
     update = proxy.add_parser("update", help="change a proxy's settings")
-    update.add_argument("proxy_id")
-    update.add_argument("--upstream-url")
-    update.add_argument("--upstream-key-env")
+    update.add_argument("proxy_id", help="proxy id")
+    update.add_argument("--upstream-url", help="new provider base URL")
+    update.add_argument("--upstream-key-env", help="new credential variable name")
     _add_proxy_options(update)
     update.set_defaults(handler=cmd_proxy_update)
 
@@ -204,7 +254,8 @@ def _add_proxy_options(parser) -> None:
                              "(default) or evaluate each event live")
     parser.add_argument("--body-mode", choices=BODY_MODES,
                         help="what traces keep of bodies: full (truncated), metadata or none")
-    parser.add_argument("--body-limit", type=int, help="bytes of each body kept in traces")
+    parser.add_argument("--body-limit", type=int,
+                        help=f"bytes of each body kept in traces (default {DEFAULT_BODY_LIMIT})")
 
 
 def _add_key_commands(commands) -> None:
@@ -214,7 +265,7 @@ def _add_key_commands(commands) -> None:
                         help="proxy id the key may use (repeat for several)")
     create.set_defaults(handler=cmd_key_create)
     revoke = key.add_parser("revoke", help="revoke a key by its id")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="key id (key_...), as `xenovia key list` shows it")
     revoke.set_defaults(handler=cmd_key_revoke)
     listing = key.add_parser("list", help="list key ids (never the keys)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -224,21 +275,29 @@ def _add_key_commands(commands) -> None:
 def _add_policy_commands(commands) -> None:
     group = commands.add_parser("policy", help="manage Rego policies")
     actions = group.add_subparsers(dest="action", required=True)
-    attach = actions.add_parser("attach", help="attach a policy to a proxy after compiling it")
-    attach.add_argument("--proxy", required=True)
-    attach.add_argument("--stage", required=True, choices=STAGES)
+    attach = actions.add_parser(
+        "attach", help="compile a policy and attach it to a proxy; a policy of the same name is replaced"
+    )
+    attach.add_argument("--proxy", required=True, help="proxy id")
+    attach.add_argument("--stage", required=True, choices=STAGES, help="when the policy is evaluated")
+    attach.add_argument("--name", help="policy name (default: the file name without .rego)")
     attach.add_argument("--dry-run", action="store_true",
                         help="record what the policy would block in traces without blocking")
-    attach.add_argument("file")
+    attach.add_argument("file", help="Rego file in package xenovia.policy")
     attach.set_defaults(handler=cmd_policy_attach)
-    detach = actions.add_parser("detach", help="remove a proxy's policy for a stage")
-    detach.add_argument("--proxy", required=True)
-    detach.add_argument("--stage", required=True, choices=STAGES)
+    detach = actions.add_parser("detach", help="remove a proxy's policies from a stage")
+    detach.add_argument("--proxy", required=True, help="proxy id")
+    detach.add_argument("--stage", required=True, choices=STAGES, help="stage to detach from")
+    detach.add_argument("--name", help="policy to detach (default: every policy of the stage)")
     detach.set_defaults(handler=cmd_policy_detach)
+    listing = actions.add_parser("list", help="list attached policies")
+    listing.add_argument("--proxy", help="only this proxy")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=cmd_policy_list)
     test = actions.add_parser("test", help="evaluate a policy against an input document")
-    test.add_argument("file")
+    test.add_argument("file", help="Rego file in package xenovia.policy")
     test.add_argument("--input", required=True, help="JSON file with the policy input document")
-    test.add_argument("--stage", choices=STAGES, default="request")
+    test.add_argument("--stage", choices=STAGES, default="request", help="stage to evaluate as")
     test.set_defaults(handler=cmd_policy_test)
 
 

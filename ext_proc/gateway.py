@@ -77,14 +77,14 @@ class Gateway:
 
     @staticmethod
     def _engine_key(proxy: Proxy, stage: str) -> tuple:
-        attachment = proxy.policies[stage]
-        return (proxy.id, stage, attachment.sha256, attachment.dry_run)
+        attached = tuple((a.name, a.sha256, a.dry_run) for a in proxy.policies[stage])
+        return (proxy.id, stage, attached)
 
     def policy_engine(self, proxy: Proxy, stage: str) -> "policy.PolicyEngine | None":
-        """Return the proxy's engine for the stage, None when no policy is attached.
+        """Return the engine of every policy attached at the stage, None when there is none.
 
-        Raises policy.PolicyCompileError when the attached source does not compile; the
-        caller fails closed.
+        Raises PolicyUnavailable when an attached source does not compile; the caller
+        fails closed.
         """
         if stage not in proxy.policies:
             return None
@@ -93,15 +93,25 @@ class Gateway:
         if engine is not None:
             return engine
         if key in self._engine_errors:
-            raise policy.PolicyCompileError(self._engine_errors[key])
-        attachment = proxy.policies[stage]
-        source = self.registry.policy_sources.get((proxy.id, stage), "")
-        try:
-            compiled = policy.compile_policy(source, attachment.name)
-            engine = policy.PolicyEngine([(compiled, attachment.dry_run)], stage=stage)
-        except policy.PolicyCompileError as exc:
-            logger.error("policy %s for proxy %s does not compile: %s", attachment.name, proxy.id, exc)
-            self._engine_errors[key] = str(exc)
-            raise
+            raise self._engine_errors[key]
+        attached = []
+        for attachment in proxy.policies[stage]:
+            source = self.registry.policy_sources.get((proxy.id, stage, attachment.name), "")
+            try:
+                attached.append((policy.compile_policy(source, attachment.name), attachment.dry_run))
+            except policy.PolicyCompileError as exc:
+                logger.error("policy %s for proxy %s does not compile: %s", attachment.name, proxy.id, exc)
+                error = PolicyUnavailable(attachment.name, str(exc))
+                self._engine_errors[key] = error
+                raise error from exc
+        engine = policy.PolicyEngine(attached, stage=stage)
         self._engines[key] = engine
         return engine
+
+
+class PolicyUnavailable(policy.PolicyCompileError):
+    """An attached policy does not compile, so its stage cannot be evaluated."""
+
+    def __init__(self, policy_name: str, message: str) -> None:
+        super().__init__(policy_name, f"policy does not compile: {message}")
+        self.policy_name = policy_name

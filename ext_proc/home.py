@@ -3,7 +3,7 @@
 Layout (``XENOVIA_HOME``, default ``./.xenovia``)::
 
     config/proxies.json             proxies and their policy attachments (a ConfigMap)
-    config/policy.<proxy>.<stage>.rego  attached policies (same ConfigMap)
+    config/policy.<proxy>.<stage>.<name>.rego  attached policies (same ConfigMap)
     secrets/keys.json               key hashes and scopes (a Secret)
     run/                            Unix sockets of the running gateway
     state/                          session store
@@ -36,8 +36,8 @@ def keys_file(home: Path) -> Path:
     return home / "secrets" / "keys.json"
 
 
-def policy_file(home: Path, proxy_id: str, stage: str) -> Path:
-    return home / "config" / f"policy.{proxy_id}.{stage}.rego"
+def policy_file(home: Path, proxy_id: str, stage: str, name: str) -> Path:
+    return home / "config" / f"policy.{proxy_id}.{stage}.{name}.rego"
 
 
 def run_dir(home: Path) -> Path:

@@ -19,6 +19,7 @@ from ext_proc import envoy_messages as msgs
 from ext_proc import errors, openai_api, policy, redaction
 from ext_proc.envoy_messages import Mutation
 from ext_proc.errors import GatewayError
+from ext_proc.gateway import PolicyUnavailable
 from ext_proc.keys import digests_equal, hash_key, is_well_formed, key_fingerprint
 from ext_proc.openai_api import RequestFields
 from ext_proc.response import ResponseHandler
@@ -60,6 +61,8 @@ class Exchange:
 
         self.method = ""
         self.path = ""
+        self.route_proxy_id = ""
+        self.is_health_check = False
         self.request_type = ""
         self.proxy = None
         self.key = None
@@ -81,7 +84,8 @@ class Exchange:
         self.status = 0
         self.error_code = ""
         self.error_message = ""
-        self.policy_outcome = "allow"
+        # Empty until the request-stage policy (or its absence) lets the request through.
+        self.policy_outcome = ""
         self.policy_rule_id = ""
         self.policy_reason = ""
         self.policy_ms = 0.0
@@ -154,6 +158,8 @@ class Exchange:
 
         self._read_enrichment_headers(headers)
         route = openai_api.parse_route(self.path)
+        if route is not None:
+            self.route_proxy_id = route.proxy_id
         if route is None:
             raise GatewayError(
                 404, errors.ENDPOINT_NOT_SUPPORTED,
@@ -273,6 +279,7 @@ class Exchange:
     def _health(self) -> msgs.ProcessingResponse:
         self.status = 200
         self.finished = True
+        self.is_health_check = True
         body = json.dumps({
             "status": "ok",
             "proxies": len(self.gateway.registry.proxies),
@@ -316,6 +323,7 @@ class Exchange:
     def _apply_request_policy(self) -> bool:
         """Evaluate the request-stage policy; raise on a block, return True when the body changed."""
         decision = self.evaluate_policy("request", None)
+        self.policy_outcome = "allow"
         if decision is None:
             return False
         if decision.outcome == "deny":
@@ -354,9 +362,9 @@ class Exchange:
         began = time.perf_counter()
         try:
             engine = self.gateway.policy_engine(self.proxy, stage)
-        except policy.PolicyCompileError as exc:
-            rule_id = f"{self.proxy.policies[stage].name}.error"
-            self._record_policy(stage, "deny", rule_id, f"policy does not compile: {exc}", began)
+        except PolicyUnavailable as exc:
+            rule_id = f"{exc.policy_name}.error"
+            self._record_policy(stage, "deny", rule_id, str(exc), began)
             return policy.Decision(outcome="deny", rule_id=rule_id, error=str(exc))
         if engine is None:
             return None
@@ -439,14 +447,14 @@ class Exchange:
         if self.response is None:
             return msgs.response_body_reply()
         reply = self.response.on_body(bytes(message.body), message.end_of_stream)
-        if message.end_of_stream or self.response.ended:
+        if (message.end_of_stream or self.response.ended) and not self.finished:
             self.finished = True
             await self._record_answer()
         return reply
 
     async def _record_answer(self) -> None:
         output = self.response.output if self.response else None
-        if output is None or self.status >= 400 or self.proxy is None:
+        if output is None or self.status >= 400 or self.proxy is None or self.response.blocked:
             return
         await self.gateway.sessions.record_answer(
             proxy_id=self.proxy.id,
@@ -460,7 +468,12 @@ class Exchange:
     # End of the exchange.
 
     def finish(self, cancelled: bool) -> None:
-        """Record the trace; called once when the gRPC stream ends, however it ended."""
+        """Record the trace; called once when the gRPC stream ends, however it ended.
+
+        Health checks are not traced, so that probes do not fill the trace table.
+        """
+        if self.is_health_check:
+            return
         if self.response is not None:
             self.response.on_cancel() if cancelled and not self.finished else None
         if not self.session_id:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("request", "response")
 STREAM_POLICY_MODES = ("hold", "live")
 BODY_MODES = ("full", "metadata", "none")
+POLICY_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_BODY_LIMIT = 16384
 
 
@@ -53,7 +55,8 @@ class Proxy:
     stream_policy_mode: str = "hold"
     body_mode: str = "full"
     body_limit: int = DEFAULT_BODY_LIMIT
-    policies: Mapping[str, PolicyAttachment] = field(default_factory=dict)
+    # Stage -> the policies attached at that stage, all evaluated; any one can deny.
+    policies: Mapping[str, tuple[PolicyAttachment, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ class ApiKey:
 class Registry:
     proxies: Mapping[str, Proxy]
     keys_by_hash: Mapping[str, ApiKey]
-    # (proxy_id, stage) -> policy source text, read together with proxies.json.
-    policy_sources: Mapping[tuple[str, str], str]
+    # (proxy_id, stage, policy name) -> policy source text, read together with proxies.json.
+    policy_sources: Mapping[tuple[str, str, str], str]
 
     @classmethod
     def empty(cls) -> "Registry":
@@ -92,12 +95,13 @@ def load_registry(home: Path) -> Registry:
         keys[key.sha256] = key
     sources = {}
     for proxy in proxies.values():
-        for stage in proxy.policies:
-            path = home_paths.policy_file(home, proxy.id, stage)
-            try:
-                sources[(proxy.id, stage)] = path.read_text()
-            except OSError as exc:
-                raise RegistryError(f"{path}: cannot read attached policy: {exc}") from exc
+        for stage, attachments in proxy.policies.items():
+            for attachment in attachments:
+                path = home_paths.policy_file(home, proxy.id, stage, attachment.name)
+                try:
+                    sources[(proxy.id, stage, attachment.name)] = path.read_text()
+                except OSError as exc:
+                    raise RegistryError(f"{path}: cannot read attached policy: {exc}") from exc
     return Registry(MappingProxyType(proxies), MappingProxyType(keys), MappingProxyType(sources))
 
 
@@ -120,8 +124,12 @@ def _read_json(path: Path, default: dict) -> dict:
 def _parse_proxy(proxy_id: str, raw: dict) -> Proxy:
     try:
         policies = {
-            stage: PolicyAttachment(stage, entry["name"], entry["sha256"], bool(entry.get("dry_run")))
-            for stage, entry in raw.get("policies", {}).items()
+            stage: tuple(
+                PolicyAttachment(stage, entry["name"], entry["sha256"], bool(entry.get("dry_run")))
+                for entry in entries
+            )
+            for stage, entries in raw.get("policies", {}).items()
+            if entries
         }
         unknown = set(policies) - set(STAGES)
         if unknown:
@@ -301,27 +309,49 @@ class RegistryEditor:
 
     def attach_policy(
         self, proxy_id: str, stage: str, name: str, source: str, sha256: str, dry_run: bool
-    ) -> None:
+    ) -> bool:
+        """Attach a policy, replacing one of the same name; return True when it replaced one."""
+        if not POLICY_NAME_PATTERN.fullmatch(name):
+            raise RegistryError(
+                f"policy name {name!r} must be 1 to 64 letters, digits, '_' or '-'; rename the file"
+            )
         document = self._proxies_doc()
         entry = self._require_proxy(document, proxy_id)
-        # The policy file is written first: a watcher that sees the new attachment then
+        # The policy file is written first, so that a watcher that loads the new attachment
         # always finds the matching source.
-        home_paths.write_atomically(home_paths.policy_file(self.home, proxy_id, stage), source.encode())
-        entry.setdefault("policies", {})[stage] = {
-            "name": name,
-            "sha256": sha256,
-            "dry_run": dry_run,
-            "attached_at": _now_iso(),
-        }
+        path = home_paths.policy_file(self.home, proxy_id, stage, name)
+        home_paths.write_atomically(path, source.encode())
+        attached = entry.setdefault("policies", {}).setdefault(stage, [])
+        kept = [policy for policy in attached if policy["name"] != name]
+        kept.append({"name": name, "sha256": sha256, "dry_run": dry_run, "attached_at": _now_iso()})
+        entry["policies"][stage] = kept
         home_paths.write_json(home_paths.proxies_file(self.home), document)
+        return len(kept) == len(attached)
 
-    def detach_policy(self, proxy_id: str, stage: str) -> None:
+    def detach_policy(self, proxy_id: str, stage: str, name: str | None) -> list[str]:
+        """Detach the named policy, or every policy of the stage; return the names detached."""
         document = self._proxies_doc()
         entry = self._require_proxy(document, proxy_id)
-        if entry.get("policies", {}).pop(stage, None) is None:
-            raise RegistryError(f"proxy {proxy_id} has no {stage}-stage policy")
+        attached = entry.get("policies", {}).get(stage, [])
+        removed = [policy["name"] for policy in attached if name is None or policy["name"] == name]
+        if not removed:
+            wanted = f"policy {name!r}" if name else "policy"
+            raise RegistryError(f"proxy {proxy_id} has no {stage}-stage {wanted}; see `xenovia policy list`")
+        entry["policies"][stage] = [policy for policy in attached if policy["name"] not in removed]
         home_paths.write_json(home_paths.proxies_file(self.home), document)
-        home_paths.policy_file(self.home, proxy_id, stage).unlink(missing_ok=True)
+        for removed_name in removed:
+            home_paths.policy_file(self.home, proxy_id, stage, removed_name).unlink(missing_ok=True)
+        return removed
+
+    def list_policies(self, proxy_id: str | None) -> list[dict]:
+        rows = []
+        for proxy in self.list_proxies():
+            if proxy_id is not None and proxy["id"] != proxy_id:
+                continue
+            for stage, attached in sorted(proxy.get("policies", {}).items()):
+                for policy in attached:
+                    rows.append({"proxy_id": proxy["id"], "stage": stage, **policy})
+        return rows
 
     @staticmethod
     def _require_proxy(document: dict, proxy_id: str) -> dict:
