@@ -52,12 +52,13 @@ def start_mock_provider(home: Path, port: int) -> tuple[subprocess.Popen, int]:
 def ensure_demo_proxy(home: Path, upstream_url: str, key_env: str | None) -> tuple[str, str]:
     """Create the demo proxy and key on the first run; point the proxy at ``upstream_url``."""
     editor = RegistryEditor(home)
-    existing = [proxy for proxy in editor.list_proxies() if proxy.get("name") == DEMO_PROXY_NAME]
     key_file = home / "demo-key"
-    if existing and key_file.exists():
-        proxy_id = existing[0]["id"]
-        editor.update_proxy(proxy_id, upstream_url=upstream_url, upstream_key_env=key_env)
-        return proxy_id, json.loads(key_file.read_text())["key"]
+    if key_file.exists():
+        saved = json.loads(key_file.read_text())
+        known = {proxy["id"] for proxy in editor.list_proxies()}
+        if saved.get("proxy_id") in known:
+            editor.update_proxy(saved["proxy_id"], upstream_url=upstream_url, upstream_key_env=key_env)
+            return saved["proxy_id"], saved["key"]
     proxy_id = editor.create_proxy(
         name=DEMO_PROXY_NAME, upstream_url=upstream_url, upstream_key_env=key_env,
         org_id="org_demo", environment="dev",

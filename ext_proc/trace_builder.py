@@ -36,7 +36,8 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
         session_source=exchange.session_source,
         parent_trace_id=exchange.parent_trace_id,
         flow_id=exchange.flow_id,
-        proxy_id=proxy.id if proxy else "",
+        # Before authentication succeeds this is the proxy id the URL named.
+        proxy_id=proxy.id if proxy else exchange.route_proxy_id,
         org_id=proxy.org_id if proxy else (exchange.key.org_id if exchange.key else ""),
         environment=proxy.environment if proxy else "",
         key_id=exchange.key.id if exchange.key else "",
@@ -112,25 +113,30 @@ def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:
             )
         )
     _add_tool_result_steps(trace, exchange)
+    response = exchange.response
+    upstream_status = response.status if response is not None else exchange.status
+    # Tool calls of an answer the response policy blocked are kept as evidence.
+    blocked = trace.policy_outcome == "block_response"
     if exchange.provider_ms is not None:
         trace.steps.append(
             trace_pb2.Step(
                 step_id=str(uuid.uuid4()), step_type="llm", name=trace.model or "llm",
                 start_unix_nano=exchange.upstream_sent_ns, latency_ms=exchange.provider_ms,
-                status="ok" if exchange.status < 400 else "error",
-                attributes={"model_served": trace.model_served, "status": str(exchange.status)},
+                status="ok" if upstream_status < 400 else "error",
+                attributes={"model_served": trace.model_served, "status": str(upstream_status)},
             )
         )
-    if output is not None and exchange.status < 400:
+    if output is not None and upstream_status < 400:
         for _, call in sorted(output.tool_calls.items()):
             trace.steps.append(
                 trace_pb2.Step(
                     step_id=str(uuid.uuid4()), step_type="tool_call", name=call.name,
-                    start_unix_nano=end_ns, status="success", tool_name=call.name,
-                    tool_args=call.arguments, call_id=call.id,
+                    start_unix_nano=end_ns, status="blocked" if blocked else "success",
+                    tool_name=call.name, tool_args=call.arguments, call_id=call.id,
                 )
             )
-            _remember_tool_call(call.id, trace.trace_id, end_ns, call.name)
+            if not blocked:
+                _remember_tool_call(call.id, trace.trace_id, end_ns, call.name)
     trace.steps.append(
         trace_pb2.Step(
             step_id=str(uuid.uuid4()), step_type="request_finished", name="request_finished",

@@ -98,7 +98,8 @@ def _filters(args: argparse.Namespace) -> TraceFilters:
         key, separator, value = item.partition("=")
         if not separator or not key:
             raise ValueError(f"invalid --property {item!r}: expected KEY=VALUE")
-        properties.append((key, value))
+        # Property names arrive as HTTP header names, which Envoy lower-cases.
+        properties.append((key.lower(), value))
     since, until = getattr(args, "since", None), getattr(args, "until", None)
     return TraceFilters(
         session=getattr(args, "session", None),
