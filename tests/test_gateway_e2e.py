@@ -1,6 +1,8 @@
 """End to end through real Envoy, the ext_proc service and the collector, with the openai SDK."""
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from conftest import PROVIDER_KEY, wait_for_trace
+from gateway_harness import free_port
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -381,3 +384,72 @@ def test_traces_list_cli_prints_json_lines(gateway, access):
 
     assert len(rows) == 1
     assert rows[0]["trace_id"] == response.headers["x-xenovia-trace-id"]
+
+
+def test_second_policy_adds_to_stage(gateway):
+    access = gateway.new_proxy("two-policies")
+    assert gateway.attach(access.proxy_id, "request", SEED_POLICY).returncode == 0
+
+    attached = gateway.attach(access.proxy_id, "request", REPO / "policies" / "redact_pii.rego", "--dry-run")
+
+    assert attached.returncode == 0, attached.stderr
+    listed = [json.loads(line) for line in gateway.cli("policy", "list", "--proxy", access.proxy_id,
+                                                      "--json").stdout.splitlines()]
+    assert {(row["name"], row["dry_run"]) for row in listed} == {
+        ("block_dangerous_tools", False), ("redact_pii", True)
+    }
+    with pytest.raises(openai.PermissionDeniedError):
+        client_for(access).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, tools=[tool("delete_database")]
+        )
+
+
+def test_detach_by_name_keeps_others(gateway, tmp_path):
+    access = gateway.new_proxy("detach-one")
+    other = tmp_path / "deny_search.rego"
+    other.write_text('package xenovia.policy\n\ndeny if "search" in input.tool_names\n')
+    assert gateway.attach(access.proxy_id, "request", SEED_POLICY).returncode == 0
+    assert gateway.attach(access.proxy_id, "request", other).returncode == 0
+
+    gateway.change_registry("policy", "detach", "--proxy", access.proxy_id, "--stage", "request",
+                            "--name", "deny_search")
+
+    client = client_for(access)
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, tools=[tool("search")])
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, tools=[tool("delete_database")])
+
+
+def test_client_address_not_forwarded(gateway, access):
+    gateway.provider.reset()
+
+    raw_post(access, headers={"x-forwarded-for": "203.0.113.9"})
+
+    seen = gateway.provider.requests[-1]["headers"]
+    assert "x-forwarded-for" not in seen
+    assert "x-envoy-external-address" not in seen
+    assert "x-xenovia-upstream" not in seen
+
+
+def test_second_gateway_on_busy_port_fails(gateway, tmp_path):
+    from gateway_harness import REPO_ROOT, child_environment
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ext_proc.cli", "up", "--port", str(gateway.port),
+         "--admin-port", str(free_port())],
+        env=child_environment(tmp_path / "second"), capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+    )
+
+    assert result.returncode != 0
+    assert gateway.health()["status"] == "ok"
+
+
+def test_home_accepted_after_subcommand(gateway):
+    result = subprocess.run(
+        [sys.executable, "-m", "ext_proc.cli", "proxy", "list", "--json", "--home", str(gateway.home)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
