@@ -40,6 +40,8 @@ UPSTREAM_FORBIDDEN = "upstream_forbidden"
 UPSTREAM_CREDENTIAL_MISSING = "upstream_credential_missing"
 UPSTREAM_UNAVAILABLE = "upstream_unavailable"
 STREAM_INCOMPLETE = "stream_incomplete"
+REQUEST_TOO_LARGE = "request_too_large"
+GATEWAY_ERROR = "gateway_error"
 INTERNAL_ERROR = "internal_error"
 
 POLICY_BLOCK_MESSAGE = "request blocked by policy"

@@ -166,14 +166,18 @@ class ResponseHandler(StreamBodies):
             self.exchange.error_message = str(error.get("message", ""))[:1024]
             return msgs.response_body_reply()
         text = body.decode("utf-8", "replace").strip()[:300]
-        self.exchange.error_code = (
-            errors.UPSTREAM_UNAVAILABLE if self.status >= 500 else "upstream_error"
-        )
+        if self.exchange.upstream_sent is None:
+            # Envoy answered before the request reached the provider (a body over the
+            # buffer limit gives 413), so this is not the provider's error.
+            source, error_type = "the gateway", errors.INVALID_REQUEST
+            code = errors.REQUEST_TOO_LARGE if self.status == 413 else errors.GATEWAY_ERROR
+        else:
+            source, error_type = "the upstream", errors.UPSTREAM
+            code = errors.UPSTREAM_UNAVAILABLE if self.status >= 500 else "upstream_error"
+        self.exchange.error_code = code
         self.exchange.error_message = text
-        message = f"upstream returned HTTP {self.status}" + (f": {text}" if text else "")
-        new_body = errors.error_body(
-            message, errors.UPSTREAM, self.exchange.error_code, self.exchange.trace_id
-        )
+        message = f"{source} returned HTTP {self.status}" + (f": {text}" if text else "")
+        new_body = errors.error_body(message, error_type, code, self.exchange.trace_id)
         mutation = Mutation()
         mutation.replace_body(new_body)
         mutation.set("content-type", "application/json")

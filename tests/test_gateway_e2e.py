@@ -453,3 +453,13 @@ def test_home_accepted_after_subcommand(gateway):
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_oversized_body_gets_openai_413(gateway, access):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * (33 << 20)}]})
+    before = gateway.provider.request_count
+
+    response = raw_post(access, body=body)
+
+    assert_openai_error(response, 413, "request_too_large")
+    assert gateway.provider.request_count == before
