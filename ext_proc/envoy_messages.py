@@ -30,13 +30,16 @@ def header_values(headers: ext_proc_pb2.HttpHeaders) -> dict[str, str]:
 class Mutation:
     """Collect header changes and an optional new body for one reply."""
 
-    __slots__ = ("set_headers", "remove_headers", "body", "clear_route_cache")
+    __slots__ = ("set_headers", "remove_headers", "body", "clear_route_cache", "add_body")
 
     def __init__(self) -> None:
         self.set_headers: list[tuple[str, str]] = []
         self.remove_headers: list[str] = []
         self.body: bytes | None = None
         self.clear_route_cache = False
+        # Set in a headers reply to give a message that has no body one
+        # (CONTINUE_AND_REPLACE); Envoy then sends no body message for it.
+        self.add_body = False
 
     def set(self, name: str, value: str) -> None:
         self.set_headers.append((name, value))
@@ -49,6 +52,8 @@ class Mutation:
 
     def common_response(self) -> ext_proc_pb2.CommonResponse:
         common = ext_proc_pb2.CommonResponse(clear_route_cache=self.clear_route_cache)
+        if self.add_body:
+            common.status = ext_proc_pb2.CommonResponse.CONTINUE_AND_REPLACE
         if self.set_headers or self.remove_headers:
             mutation = common.header_mutation
             for name, value in self.set_headers:

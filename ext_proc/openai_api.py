@@ -98,17 +98,66 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        # Parsers disagree on which duplicate wins, so the policy could check one value
+        # while the provider uses the other.
+        raise ValueError(f"duplicate key {duplicate[:80]!r}")
+    return document
+
+
+def _reject_large_number(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json_body(body: bytes) -> dict:
-    """Parse a request body; raise GatewayError 400 unless it is a JSON object."""
+    """Parse a request body; raise GatewayError 400 unless it is a strict JSON object.
+
+    Strict means UTF-8 without a byte-order mark, no duplicate keys, no NaN or infinite
+    numbers and no unpaired surrogates: anything another JSON parser could read
+    differently from this one is rejected, because the body is forwarded as sent.
+    """
     if not body:
         raise GatewayError(400, errors.INVALID_JSON, "request body is empty; expected a JSON object")
     try:
-        document = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, errors.INVALID_JSON, f"request body is not valid JSON: {exc}") from exc
+        text = body.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise ValueError("byte-order mark before the JSON text")
+        document = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_reject_large_number,
+            object_pairs_hook=_unique_keys,
+        )
+        if _SURROGATE_ESCAPE.search(body):
+            _check_encodable(document)
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise GatewayError(400, errors.INVALID_JSON, f"request body is not valid JSON: {reason}") from exc
     if not isinstance(document, dict):
         raise GatewayError(400, errors.INVALID_JSON, "request body must be a JSON object")
     return document
+
+
+def _check_encodable(value: Any) -> None:
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            key.encode("utf-8")
+            _check_encodable(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_encodable(item)
 
 
 @dataclass
@@ -129,7 +178,8 @@ def extract_fields(request_type: str, body: dict) -> RequestFields:
     fields.stream = body.get("stream") is True
     if request_type == "chat_completions":
         fields.messages = _chat_messages(body.get("messages"))
-        fields.tools = _list(body.get("tools"))
+        # Legacy "functions" are tools too: providers that still accept them call them.
+        fields.tools = _list(body.get("tools")) + _list(body.get("functions"))
         fields.tool_names = _chat_tool_names(fields.tools)
     elif request_type == "responses":
         fields.messages = _responses_messages(body)
@@ -178,22 +228,30 @@ def _chat_messages(raw: Any) -> list[dict]:
 
 
 def _chat_tool_names(tools: list) -> list[str]:
+    """Name function and custom tools by name, any other tool by its type."""
     names = []
     for tool in tools:
         if not isinstance(tool, dict):
             continue
-        function = tool.get("function")
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            names.append(function["name"])
-        elif isinstance(tool.get("name"), str):
-            names.append(tool["name"])
+        name = _tool_name(tool.get("function")) or _tool_name(tool.get("custom")) or _tool_name(tool)
+        if name:
+            names.append(name)
         elif isinstance(tool.get("type"), str):
             names.append(tool["type"])
     return names
 
 
+def _tool_name(holder: Any) -> str | None:
+    if isinstance(holder, dict) and isinstance(holder.get("name"), str):
+        return holder["name"]
+    return None
+
+
 def _responses_tool_names(tools: list) -> list[str]:
-    """Name function and custom tools by name, built-in tools (web_search, ...) by type."""
+    """Name function and custom tools by name, built-in tools (web_search, ...) by type.
+
+    An MCP tool adds its type and every name in its allowed_tools list.
+    """
     names = []
     for tool in tools:
         if not isinstance(tool, dict):
@@ -202,6 +260,11 @@ def _responses_tool_names(tools: list) -> list[str]:
             names.append(tool["name"])
         elif isinstance(tool.get("type"), str):
             names.append(tool["type"])
+        allowed = tool.get("allowed_tools")
+        if isinstance(allowed, dict):
+            allowed = allowed.get("tool_names")
+        if isinstance(allowed, list):
+            names.extend(name for name in allowed if isinstance(name, str))
     return names
 
 

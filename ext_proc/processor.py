@@ -23,7 +23,7 @@ from ext_proc.gateway import PolicyUnavailable
 from ext_proc.keys import digests_equal, hash_key, is_well_formed, key_fingerprint
 from ext_proc.openai_api import RequestFields
 from ext_proc.response import ResponseHandler
-from ext_proc.trace_builder import build_trace
+from ext_proc.trace_builder import build_trace, minimal_trace
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,11 @@ MAX_FLOW_ID_CHARS = 128
 # Client headers that never reach the provider: our own, the client's credentials, and
 # accept-encoding so that providers answer uncompressed bodies the gateway can inspect.
 _STRIPPED_PREFIX = "x-xenovia-"
-_STRIPPED_HEADERS = ("authorization", "accept-encoding", "x-api-key", "api-key", "openai-organization")
+_STRIPPED_HEADERS = (
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key",
+    "openai-organization", "openai-project", "accept-encoding",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip",
+)  # fmt: skip
 
 
 def parse_uuid(value: str) -> str | None:
@@ -150,22 +154,30 @@ class Exchange:
     def _on_request_headers(self, message) -> msgs.ProcessingResponse:
         headers = msgs.header_values(message)
         self.headers = headers
+        # Envoy generates x-request-id for every request from outside (a client's own value
+        # is replaced), so using it as the trace id lets Envoy's own error replies carry it.
+        request_id = parse_uuid(headers.get("x-request-id", ""))
+        if request_id is not None:
+            self.trace_id = request_id
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
         self.steps.append(("request_received", "request_received", time.time_ns(), 0.0, "ok", {}))
         if self.path.split("?", 1)[0] in HEALTH_PATHS:
             return self._health()
 
-        self._read_enrichment_headers(headers)
         route = openai_api.parse_route(self.path)
         if route is not None:
             self.route_proxy_id = route.proxy_id
+        if "upgrade" in headers:
+            # Envoy would hold an upgraded connection open with no policy ever applied.
+            raise GatewayError(400, errors.INVALID_HEADER, "protocol upgrades are not supported")
         if route is None:
             raise GatewayError(
                 404, errors.ENDPOINT_NOT_SUPPORTED,
                 f"no route for {self.path[:200]!r}; use /a/<proxy_id>/openai/v1/...", errors.NOT_FOUND,
             )
         self._authenticate(headers, route.proxy_id)
+        self._read_enrichment_headers(headers)
         self.properties = openai_api.parse_properties(headers)
         self.request_type = openai_api.ENDPOINTS.get(route.rest, "")
         if not self.request_type:
@@ -481,8 +493,9 @@ class Exchange:
         try:
             trace = build_trace(self, cancelled)
         except Exception:
+            # Every exchange is recorded: what failed to convert is left out, not the trace.
             logger.exception("trace %s: failed to build the trace record", self.trace_id)
-            return
+            trace = minimal_trace(self, cancelled)
         self.gateway.exporter.submit(trace)
         logger.debug("trace %s: status %s outcome %s", self.trace_id, self.status, self.policy_outcome)
 
@@ -497,7 +510,12 @@ def _checked_label(value: str | None, header: str, max_chars: int, extra: str) -
         return ""
     value = value.strip()
     allowed = extra + "-_.:"
-    if not value or len(value) > max_chars or not all(c.isalnum() or c in allowed for c in value):
+    if (
+        not value
+        or len(value) > max_chars
+        or not value.isascii()
+        or not all(c.isalnum() or c in allowed for c in value)
+    ):
         raise GatewayError(
             400, errors.INVALID_HEADER,
             f"{header} must be 1 to {max_chars} letters, digits or {allowed!r}, got {value[:64]!r}",

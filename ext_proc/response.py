@@ -56,6 +56,8 @@ class ResponseHandler(StreamBodies):
         mutation = Mutation()
         for name, value in self.exchange.trace_headers().items():
             mutation.set(name, value)
+        if end_of_stream and self.status >= 400:
+            return self._add_error_body(mutation)
         if end_of_stream or self.exchange.proxy is None:
             return msgs.response_headers_reply(mutation)
         if not self.is_stream:
@@ -151,6 +153,20 @@ class ResponseHandler(StreamBodies):
         if self.gzip:
             mutation.remove("content-encoding")
         return msgs.response_body_reply(mutation)
+
+    def _add_error_body(self, mutation: Mutation) -> msgs.ProcessingResponse:
+        """Give a bodiless error (Envoy rejected the request, say) the OpenAI error body."""
+        code = errors.GATEWAY_ERROR if self.exchange.upstream_sent is None else "upstream_error"
+        self.exchange.error_code = self.exchange.error_code or code
+        body = errors.error_body(
+            f"request failed with HTTP {self.status}", errors.INVALID_REQUEST
+            if self.status < 500 else errors.SERVER, code, self.exchange.trace_id,
+        )
+        mutation.add_body = True
+        mutation.replace_body(body)
+        mutation.set("content-type", "application/json")
+        mutation.set("content-length", str(len(body)))
+        return msgs.response_headers_reply(mutation)
 
     def _on_error_body(self, body: bytes) -> msgs.ProcessingResponse:
         """Pass OpenAI-shaped provider errors through; wrap anything else in that shape."""

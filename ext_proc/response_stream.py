@@ -98,8 +98,9 @@ class StreamBodies:
         tail = []
         partial = self._reassembler.pending
         if partial and self.stream_mode == "none":
-            # Nothing evaluates this stream, so its bytes pass as the provider sent them.
-            tail.append(SseEvent(partial))
+            # Nothing evaluates this stream, so the provider's unterminated last event passes,
+            # ended with the blank line that keeps a following error event separate.
+            tail.append(SseEvent(partial.rstrip(b"\r\n") + b"\n\n"))
         if self._live_redactor is not None:
             tail.extend(self._live_redactor.flush())
             self._record_redaction(self._live_redactor.counts)
@@ -197,5 +198,6 @@ class StreamBodies:
             return
         content, _ = redaction.redact_text(self.output.content, kinds)
         self.output.content_parts = [content]
+        self.output.other_choices = {}
         for call in self.output.tool_calls.values():
             call.arguments, _ = redaction.redact_text(call.arguments, kinds)

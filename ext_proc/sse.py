@@ -95,7 +95,11 @@ class ModelOutput:
     """What the model returned, assembled from a whole body or from stream events."""
 
     request_type: str
+    # Text of the first choice; other choices (n > 1) are kept apart so that they cannot
+    # interleave with it, and policies see them all.
     content_parts: list[str] = field(default_factory=list)
+    other_choices: dict[int, list[str]] = field(default_factory=dict)
+    # Keyed by choice index * CHOICE_STRIDE + the call's index within its choice.
     tool_calls: dict[int, ToolCall] = field(default_factory=dict)
     finish_reason: str = ""
     usage: dict | None = None
@@ -105,7 +109,10 @@ class ModelOutput:
 
     @property
     def content(self) -> str:
-        return "".join(self.content_parts)
+        text = "".join(self.content_parts)
+        for _, parts in sorted(self.other_choices.items()):
+            text += "\n" + "".join(parts)
+        return text
 
     def as_input(self) -> dict:
         return {
@@ -143,34 +150,46 @@ class ModelOutput:
         self.completed = True
 
     def _add_choices(self, choices, delta: bool) -> None:
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        if not isinstance(choices, list):
             return
-        choice = choices[0]
-        if choice.get("finish_reason"):
+        for position, choice in enumerate(choices):
+            if isinstance(choice, dict):
+                index = choice.get("index", position)
+                self._add_choice(choice, index if isinstance(index, int) else position, delta)
+
+    def _add_choice(self, choice: dict, choice_index: int, delta: bool) -> None:
+        parts = self.content_parts if choice_index == 0 else self.other_choices.setdefault(choice_index, [])
+        if choice.get("finish_reason") and (choice_index == 0 or not self.finish_reason):
             self.finish_reason = str(choice["finish_reason"])
         if isinstance(choice.get("text"), str):
-            self.content_parts.append(choice["text"])
+            parts.append(choice["text"])
         message = choice.get("delta" if delta else "message")
         if not isinstance(message, dict):
             return
         if isinstance(message.get("content"), str):
-            self.content_parts.append(message["content"])
+            parts.append(message["content"])
+        base = choice_index * CHOICE_STRIDE
         for position, call in enumerate(message.get("tool_calls") or []):
             if isinstance(call, dict):
-                self._add_tool_call_delta(call, position)
+                self._add_tool_call_delta(call, base, position)
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict):
+            # The deprecated single function call of older chat answers.
+            self._add_tool_call_delta({"function": legacy}, base + CHOICE_STRIDE - 1, 0)
 
-    def _add_tool_call_delta(self, call: dict, position: int) -> None:
+    def _add_tool_call_delta(self, call: dict, base: int, position: int) -> None:
         index = call.get("index", position)
-        entry = self.tool_calls.setdefault(
-            index if isinstance(index, int) else position, ToolCall()
-        )
+        entry = self.tool_calls.setdefault(base + (index if isinstance(index, int) else position), ToolCall())
         if call.get("id"):
             entry.id = str(call["id"])
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        # Function calls carry name and arguments; custom tool calls carry name and input.
+        function = call.get("function") or call.get("custom")
+        function = function if isinstance(function, dict) else {}
         if function.get("name"):
             entry.name = str(function["name"])
-        if isinstance(function.get("arguments"), str):
-            entry.arguments += function["arguments"]
+        for field_name in ("arguments", "input"):
+            if isinstance(function.get(field_name), str):
+                entry.arguments += function[field_name]
 
     def _add_response_object(self, response: dict) -> None:
         status = response.get("status")
@@ -191,12 +210,8 @@ class ModelOutput:
                 for part in item.get("content") or []:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         self.content_parts.append(part["text"])
-            elif item.get("type") == "function_call":
-                self.tool_calls[len(self.tool_calls)] = ToolCall(
-                    str(item.get("call_id", "")),
-                    str(item.get("name", "")),
-                    str(item.get("arguments", "")),
-                )
+            elif item.get("type") in _RESPONSES_CALL_TYPES:
+                self.tool_calls[len(self.tool_calls)] = _call_from_item(item)
                 self.finish_reason = "tool_calls"
 
     # Stream events.
@@ -243,15 +258,31 @@ class ModelOutput:
         index = event.get("output_index")
         if (
             not isinstance(item, dict)
-            or item.get("type") != "function_call"
+            or item.get("type") not in _RESPONSES_CALL_TYPES
             or not isinstance(index, int)
         ):
             return
         call = self.tool_calls.setdefault(index, ToolCall())
-        call.id = str(item.get("call_id") or call.id)
-        call.name = str(item.get("name") or call.name)
-        if isinstance(item.get("arguments"), str) and item["arguments"]:
-            call.arguments = item["arguments"]
+        seen = _call_from_item(item)
+        call.id = seen.id or call.id
+        call.name = seen.name or call.name
+        if seen.arguments:
+            call.arguments = seen.arguments
+
+
+CHOICE_STRIDE = 1000
+
+# Responses output items that call a tool: functions, custom tools and MCP server tools.
+_RESPONSES_CALL_TYPES = ("function_call", "custom_tool_call", "mcp_call")
+
+
+def _call_from_item(item: dict) -> ToolCall:
+    arguments = item.get("arguments", item.get("input", ""))
+    return ToolCall(
+        str(item.get("call_id") or item.get("id") or ""),
+        str(item.get("name", "")),
+        arguments if isinstance(arguments, str) else json.dumps(arguments),
+    )
 
 
 def is_usage_only_chunk(chunk: dict) -> bool:

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
+RESTART_WINDOW_SECONDS = 60.0
+MAX_RESTARTS_PER_WINDOW = 5
 
 
 class StartupError(RuntimeError):
@@ -50,6 +52,8 @@ class GatewayProcesses:
         self.workers = workers
         self.listen_address = listen_address
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[float]] = {}
 
     def _child_environment(self) -> dict[str, str]:
         environment = dict(os.environ)
@@ -60,8 +64,30 @@ class GatewayProcesses:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         process = subprocess.Popen(command, env=self._child_environment(), start_new_session=True)
         self.processes.append((name, process))
+        self.commands[name] = command
         logger.info("started %s (pid %d)", name, process.pid)
         return process
+
+    def _restart(self, index: int) -> bool:
+        """Start an exited collector or worker again; return False when it must not be.
+
+        Envoy keeps serving while a worker restarts (its requests get a 503), and workers
+        keep their traces queued while the collector restarts. An exited Envoy, or a
+        process that keeps exiting, stops the whole gateway.
+        """
+        name, process = self.processes[index]
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_SECONDS]
+        if name == "envoy" or len(recent) >= MAX_RESTARTS_PER_WINDOW:
+            return False
+        self.restarts[name] = recent + [now]
+        replacement = subprocess.Popen(
+            self.commands[name], env=self._child_environment(), start_new_session=True
+        )
+        self.processes[index] = (name, replacement)
+        logger.warning("restarted %s (pid %d) after it exited with status %s",
+                       name, replacement.pid, process.returncode)
+        return True
 
     def start(self) -> None:
         run_dir = home_paths.run_dir(self.home)
@@ -130,9 +156,10 @@ class GatewayProcesses:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         while stop["signal"] is None:
-            for name, process in self.processes:
-                if process.poll() is not None:
-                    logger.error("%s exited unexpectedly with status %s; stopping", name, process.returncode)
+            for index, (name, process) in enumerate(self.processes):
+                if process.poll() is not None and not self._restart(index):
+                    logger.error("%s exited unexpectedly with status %s; stopping",
+                                 name, process.returncode)
                     return 1
             time.sleep(0.2)
         logger.info("received %s; stopping", signal.Signals(stop["signal"]).name)

@@ -81,6 +81,25 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
     return trace
 
 
+def minimal_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
+    """Build a trace of the ids and outcome alone, for when ``build_trace`` failed."""
+    proxy = exchange.proxy
+    return trace_pb2.Trace(
+        trace_id=exchange.trace_id,
+        start_unix_nano=exchange.start_ns,
+        end_unix_nano=time.time_ns(),
+        session_id=exchange.session_id,
+        proxy_id=proxy.id if proxy else exchange.route_proxy_id,
+        key_id=exchange.key.id if exchange.key else "",
+        request_type=exchange.request_type,
+        latency_ms=(time.perf_counter() - exchange.start) * 1000,
+        status=exchange.status if exchange.status else (499 if cancelled else 0),
+        error_type=exchange.error_code or "trace_incomplete",
+        policy_outcome=exchange.policy_outcome,
+        policy_rule_id=exchange.policy_rule_id,
+    )
+
+
 def _set_optional(trace, name: str, value) -> None:
     if value is not None:
         setattr(trace, name, value)

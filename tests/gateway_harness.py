@@ -96,7 +96,11 @@ class RunningGateway:
         deadline = time.monotonic() + timeout
         streak = 0
         while time.monotonic() < deadline:
-            streak = streak + 1 if self.registry_version() == expected else 0
+            try:
+                version = self.registry_version()
+            except (urllib.error.URLError, OSError):
+                version = None  # a worker restarting answers 503 for a moment
+            streak = streak + 1 if version == expected else 0
             if streak >= self.workers * 4:
                 return
             time.sleep(0.02)

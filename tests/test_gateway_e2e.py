@@ -463,3 +463,96 @@ def test_oversized_body_gets_openai_413(gateway, access):
 
     assert_openai_error(response, 413, "request_too_large")
     assert gateway.provider.request_count == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
+        '{"model":"m","tools":[],"tools":[],"messages":[]}',
+        '{"model":"m","temperature":1e999,"messages":[]}',
+        "[" * 3000 + "]" * 3000,
+    ],
+    ids=["lone-surrogate", "duplicate-key", "infinite-number", "deep-nesting"],
+)
+def test_ambiguous_json_rejected(gateway, access, body):
+    before = gateway.provider.request_count
+
+    response = raw_post(access, body=body)
+
+    assert_openai_error(response, 400, "invalid_json")
+    assert gateway.provider.request_count == before
+
+
+def test_utf16_body_rejected(gateway, access):
+    body = json.dumps({"model": "m", "messages": []}).encode("utf-16")
+
+    response = raw_post(access, body=body)
+
+    assert_openai_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "tools",
+    [
+        {"tools": [{"type": "custom", "custom": {"name": "delete_database"}}]},
+        {"functions": [{"name": "delete_database", "parameters": {}}]},
+    ],
+    ids=["custom-tool", "legacy-functions"],
+)
+def test_other_tool_forms_blocked(gateway, tools):
+    blocked = gateway.new_proxy("tool-forms")
+    assert gateway.attach(blocked.proxy_id, "request", SEED_POLICY).returncode == 0
+    before = gateway.provider.request_count
+
+    response = raw_post(blocked, body=json.dumps({"model": "m", "messages": MESSAGES, **tools}))
+
+    assert response.status_code == 403
+    assert gateway.provider.request_count == before
+
+
+def test_upgrade_request_rejected(access):
+    response = raw_post(access, headers={"upgrade": "websocket", "connection": "upgrade"})
+
+    assert_openai_error(response, 400, "invalid_header")
+
+
+def test_client_credentials_not_forwarded(gateway, access):
+    gateway.provider.reset()
+
+    raw_post(access, headers={"proxy-authorization": "Basic c2VjcmV0", "cookie": "session=secret",
+                              "forwarded": "for=203.0.113.9", "x-forwarded-host": "evil.example"})
+
+    seen = gateway.provider.requests[-1]["headers"]
+    for name in ("proxy-authorization", "cookie", "forwarded", "x-forwarded-host"):
+        assert name not in seen
+
+
+def test_worker_down_gets_503_then_recovers(provider, tmp_path):
+    from gateway_harness import RunningGateway, run_cli
+
+    home = tmp_path / "down"
+    running = RunningGateway(home, {"XENOVIA_TEST_PROVIDER_KEY": PROVIDER_KEY}).start()
+    try:
+        proxy_id = run_cli(home, "proxy", "create", "--name", "down", "--upstream-url",
+                           provider.base_url).stdout.strip()
+        key = run_cli(home, "key", "create", "--proxy", proxy_id).stdout.strip()
+        running.wait_for_reload()
+        worker = subprocess.run(["pgrep", "-f", f"ext_proc.server --socket {home}"],
+                                capture_output=True, text=True).stdout.split()
+        assert len(worker) == 1
+        subprocess.run(["kill", "-9", worker[0]], check=True)
+
+        url = f"{running.base_url(proxy_id)}/chat/completions"
+        body = json.dumps({"model": "m", "messages": MESSAGES})
+        response = httpx.post(url, headers={"authorization": f"Bearer {key}"}, content=body, timeout=30)
+
+        assert response.status_code == 503
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["request_id"] == response.headers["x-xenovia-trace-id"]
+        assert uuid.UUID(response.headers["x-xenovia-session-id"])
+        running.wait_for_reload(timeout=30)
+        recovered = httpx.post(url, headers={"authorization": f"Bearer {key}"}, content=body, timeout=30)
+        assert recovered.status_code == 200
+    finally:
+        running.stop()

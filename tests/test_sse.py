@@ -1,0 +1,71 @@
+"""Assembly of model output from whole bodies and stream events, as policies see it."""
+
+import json
+
+from ext_proc.sse import ModelOutput, SseReassembler
+
+
+def names(output: ModelOutput) -> list[str]:
+    return [call["name"] for call in output.as_input()["tool_calls"]]
+
+
+def test_every_choice_is_assembled():
+    output = ModelOutput("chat_completions")
+
+    output.add_body({"choices": [
+        {"index": 0, "message": {"content": "first"}, "finish_reason": "stop"},
+        {"index": 1, "message": {"content": "second", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "drop_table", "arguments": "{}"}}
+        ]}, "finish_reason": "tool_calls"},
+    ]})
+
+    assert output.content == "first\nsecond"
+    assert names(output) == ["drop_table"]
+    assert output.finish_reason == "stop"
+
+
+def test_stream_choices_do_not_overwrite_each_other():
+    output = ModelOutput("chat_completions")
+
+    for index, name in ((0, "search"), (1, "drop_table")):
+        output.add_chat_chunk({"choices": [{"index": index, "delta": {"tool_calls": [
+            {"index": 0, "id": f"c{index}", "function": {"name": name, "arguments": ""}}
+        ]}}]})
+
+    assert sorted(names(output)) == ["drop_table", "search"]
+
+
+def test_custom_and_legacy_calls_are_seen():
+    output = ModelOutput("chat_completions")
+
+    output.add_body({"choices": [{"index": 0, "message": {
+        "tool_calls": [{"id": "c1", "type": "custom", "custom": {"name": "drop_table", "input": "x"}}],
+        "function_call": {"name": "delete_database", "arguments": "{}"},
+    }}]})
+
+    assert sorted(names(output)) == ["delete_database", "drop_table"]
+    assert output.as_input()["tool_calls"][0]["arguments"] == "x"
+
+
+def test_responses_tool_items_are_seen_early():
+    output = ModelOutput("responses")
+
+    output.add_responses_event({"type": "response.output_item.added", "output_index": 0,
+                                "item": {"type": "custom_tool_call", "call_id": "c1", "name": "drop_table"}})
+    output.add_responses_event({"type": "response.output_item.added", "output_index": 1,
+                                "item": {"type": "mcp_call", "id": "m1", "name": "delete_database",
+                                         "arguments": "{}"}})
+
+    assert names(output) == ["drop_table", "delete_database"]
+
+
+def test_reassembler_keeps_partial_event():
+    reassembler = SseReassembler()
+    event = b"data: " + json.dumps({"a": 1}).encode() + b"\n\n"
+
+    first = reassembler.feed(event[:10])
+    second = reassembler.feed(event[10:])
+
+    assert first == []
+    assert [e.json() for e in second] == [{"a": 1}]
+    assert reassembler.pending == b""
