@@ -85,17 +85,45 @@ def check_host_allowed(host: str) -> None:
     """Raise UpstreamError when the host is a metadata name or a forbidden address."""
     if host.rstrip(".") in _METADATA_HOSTNAMES:
         raise UpstreamError(f"upstream host {host!r} is a cloud metadata endpoint")
+    address = _literal_address(host)
+    if address is not None:
+        check_address_allowed(address)
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the address a host names literally, in any form a resolver accepts.
+
+    inet_aton reads the shorthand forms (2852039166, 0xa9fea9fe, 0251.0376.0251.0376,
+    169.254.43518) that resolve without DNS and so never reach the DNS check.
+    """
     try:
-        address = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host)
     except ValueError:
-        return
-    check_address_allowed(address)
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """Return the IPv4 address an IPv6 address carries (mapped, NAT64, 6to4, compatible)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def check_address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        address = _embedded_ipv4(address) or address
     if address in _METADATA_ADDRESSES:
         raise UpstreamError(f"upstream address {address} is a cloud metadata endpoint")
     if address.is_link_local:
