@@ -42,6 +42,10 @@ def time_evaluate(stage: str, policy_path: Path, sample_path: Path, rounds: int)
     document = {
         k: v for k, v in sample.items() if required is None or k in required or k == "stage"
     }
+    keys = engine.request_keys
+    if keys is not None and "request" in document:
+        # The gateway sends only the body keys the policy reads (Exchange.policy_input).
+        document["request"] = {k: v for k, v in document["request"].items() if k in keys}
     text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
     outcome = engine.evaluate(text).outcome
     timings = []

@@ -48,6 +48,10 @@ def live_label(label: str) -> str:
     return f"{label}, live stream policy"
 
 
+def open_label(label: str) -> str:
+    return f"{label}, no response policy"
+
+
 GATEWAY = gateway_label(1)
 GATEWAY_2 = gateway_label(2)
 
@@ -420,7 +424,7 @@ def targets_section(results) -> list[str]:
             )
         )
 
-    for label in (GATEWAY, live_label(GATEWAY)):
+    for label in (open_label(GATEWAY), live_label(GATEWAY), GATEWAY):
         cell, base = results.ttft.get((label, 1)), results.ttft.get((PLAIN, 1))
         if cell and base:
             added = cell.ttft_p50_ms - base.ttft_p50_ms

@@ -171,6 +171,8 @@ class Bench:
                     self.load(label, "stream live", clients, self.request(live_url, "stream"))
                 self.ttft(label, self.request(gateway.base_url, "stream"))
                 self.ttft(report.live_label(label), self.request(live_url, "stream"))
+                open_url = gateway.proxy_url(gateway.open_proxy_id)
+                self.ttft(report.open_label(label), self.request(open_url, "stream"))
             else:
                 self.load(label, "plain", 1, self.request(gateway.base_url, "plain"))
                 self.load(label, "plain", 8, self.request(gateway.base_url, "plain"))

@@ -206,8 +206,9 @@ def _run_cli(home: Path, *args: str) -> str:
 class GatewayTarget:
     """The full gateway (``xenovia up``) in a fresh home, with the bench policies attached.
 
-    Two proxies share one key: ``proxy_id`` holds streamed answers until the response policy
-    has run (the default, ``hold``), ``live_proxy_id`` evaluates them event by event.
+    Three proxies share one key: ``proxy_id`` holds streamed answers until the response
+    policy has run (the default, ``hold``), ``live_proxy_id`` evaluates them event by event,
+    and ``open_proxy_id`` has the request policy only, so its streams pass without holding.
     """
 
     def __init__(self, home: Path, provider_url: str, workers: int) -> None:
@@ -219,8 +220,10 @@ class GatewayTarget:
         self.live_proxy_id = self._create_proxy(
             "bench-live", provider_url, "--stream-policy-mode", "live"
         )
+        self.open_proxy_id = self._create_proxy("bench-open", provider_url, stages=("request",))
         self.key = _run_cli(
-            home, "key", "create", "--proxy", self.proxy_id, "--proxy", self.live_proxy_id
+            home, "key", "create", "--proxy", self.proxy_id, "--proxy", self.live_proxy_id,
+            "--proxy", self.open_proxy_id,
         )
         port, admin_port = free_port(), free_port()
         self.child = ChildProcess(
@@ -246,7 +249,9 @@ class GatewayTarget:
         wait_until(lambda: http_ok(f"{self.url}/healthz"), self.name, [self.child])
         self.base_url = self.proxy_url(self.proxy_id)
 
-    def _create_proxy(self, name: str, provider_url: str, *options: str) -> str:
+    def _create_proxy(
+        self, name: str, provider_url: str, *options: str, stages=("request", "response")
+    ) -> str:
         proxy_id = _run_cli(
             self.home,
             "proxy",
@@ -260,6 +265,8 @@ class GatewayTarget:
             *options,
         )
         for stage, path in (("request", REQUEST_POLICY), ("response", RESPONSE_POLICY)):
+            if stage not in stages:
+                continue
             _run_cli(
                 self.home, "policy", "attach", "--proxy", proxy_id, "--stage", stage, str(path)
             )

@@ -96,6 +96,9 @@ class CompiledPolicy:
     rego_version: str
     module_text: str
     required_fields: frozenset[str] | None
+    # Keys of `input.request` the policy reads, when it reads only fixed keys of it; None
+    # when it may read the whole body (or any key).
+    request_keys: frozenset[str] | None = None
     # Which decision rules the module defines: (rule, "always" | "sometimes") pairs, where
     # "always" means the rule can never be undefined (a partial set, or one with a default).
     # None means unknown, and the engine then treats all three rules as "sometimes".
@@ -281,6 +284,56 @@ def _input_fields(node: object) -> frozenset[str] | None:
     return frozenset(fields)
 
 
+def _request_keys(node: object) -> frozenset[str] | None:
+    """Return the fixed keys read under `input.request`, or None if it is read any other way.
+
+    Every `input.request` reference must be the base of a `.key` or `["key"]` reference;
+    `input.request[x]` with a variable, or `input.request` on its own, gives None.
+    """
+    keys: set[str] = set()
+    bases = 0
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        for kind, value in item.items():
+            if kind in ("RefDot", "RefBrack") and isinstance(value, dict):
+                if _is_input_request(value.get("refr")):
+                    key = _ref_field(kind, value)
+                    if key is None:
+                        return None
+                    keys.add(key)
+                    bases += 1
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+    return frozenset(keys) if _count_input_request(node) == bases else None
+
+
+def _is_input_request(node: object) -> bool:
+    if not isinstance(node, dict) or "RefDot" not in node:
+        return False
+    ref = node["RefDot"]
+    return _is_input_var(ref.get("refr")) and _ref_field("RefDot", ref) == "request"
+
+
+def _count_input_request(node: object) -> int:
+    count = 0
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if _is_input_request(item):
+                count += 1
+            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
+    return count
+
+
 def _is_input_var(node: object) -> bool:
     return isinstance(node, dict) and node.get("Var", {}).get("value") == "input"
 
@@ -362,6 +415,7 @@ def compile_policy(source: str, name: str) -> CompiledPolicy:
         rego_version=rego_version,
         module_text=module_text,
         required_fields=_input_fields(ast),
+        request_keys=_request_keys(ast),
         decision_rules=_decision_rules(ast.get("rules", [])),
     )
     _validate(policy)
@@ -520,6 +574,7 @@ class PolicyEngine:
         self._thread_id = threading.get_ident()
         self._policies = _attach_names(policies)
         self._required_fields = _union_fields(policy for policy, _ in policies)
+        self._request_keys = _union_request_keys(policy for policy, _ in policies)
         self._gathers_prints = any("print(" in policy.module_text for policy, _ in policies)
         self._engine = self._build(policies)
 
@@ -537,6 +592,11 @@ class PolicyEngine:
         engine.set_rego_v0(False)
         engine.add_policy("xenovia_decision.rego", _decision_module([p for p, _ in policies]))
         return engine
+
+    @property
+    def request_keys(self) -> frozenset[str] | None:
+        """Fixed `input.request` keys every attached policy limits itself to, or None."""
+        return self._request_keys
 
     @property
     def required_fields(self) -> frozenset[str] | None:
@@ -626,6 +686,15 @@ def _union_fields(policies) -> frozenset[str] | None:
             return None
         fields |= policy.required_fields
     return frozenset(fields)
+
+
+def _union_request_keys(policies) -> frozenset[str] | None:
+    keys: set[str] = set()
+    for policy in policies:
+        if policy.request_keys is None:
+            return None
+        keys |= policy.request_keys
+    return frozenset(keys)
 
 
 def _input_error(message: str) -> Decision:

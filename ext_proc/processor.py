@@ -380,7 +380,7 @@ class Exchange:
             return policy.Decision(outcome="deny", rule_id=rule_id, error=str(exc))
         if engine is None:
             return None
-        document = self.policy_input(stage, output, engine.required_fields)
+        document = self.policy_input(stage, output, engine.required_fields, engine.request_keys)
         decision = engine.evaluate(document)
         if decision.outcome == "deny":
             reason = decision.error or "; ".join(decision.reasons) or "denied"
@@ -403,10 +403,17 @@ class Exchange:
         self.steps.append(("policy", f"{stage}_policy", time.time_ns(), elapsed_ms, verdict,
                            {"stage": stage, "rule_id": rule_id}))
 
-    def policy_input(self, stage: str, output: dict | None, required: frozenset[str] | None) -> str:
+    def policy_input(
+        self,
+        stage: str,
+        output: dict | None,
+        required: frozenset[str] | None,
+        request_keys: frozenset[str] | None = None,
+    ) -> str:
         """Build the policy input document as JSON, with only the fields the policy reads.
 
-        ``request`` is spliced in as the client's own JSON text, so it is never re-encoded.
+        ``request`` holds only the body keys the policy reads when it reads fixed keys;
+        otherwise it is the client's own JSON text spliced in, never re-encoded.
         """
         fields = self.fields or RequestFields()
         values = {
@@ -437,8 +444,11 @@ class Exchange:
             for name, produce in values.items()
             if required is None or name in required or name == "stage"
         }
+        if request_keys is not None and (required is None or "request" in required):
+            body = self.body or {}
+            document["request"] = {key: body[key] for key in request_keys if key in body}
         text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
-        if (required is None or "request" in required) and self.body_text:
+        if request_keys is None and (required is None or "request" in required) and self.body_text:
             text = text[:-1] + ',"request":' + self.body_text + "}"
         return text
 
@@ -461,6 +471,8 @@ class Exchange:
         reply = self.response.on_body(bytes(message.body), message.end_of_stream)
         if (message.end_of_stream or self.response.ended) and not self.finished:
             self.finished = True
+            # Recorded before the reply, so that the client's next call, whichever worker
+            # takes it, finds its session.
             await self._record_answer()
         return reply
 

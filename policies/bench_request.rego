@@ -11,8 +11,6 @@ allowed_teams := {"support", "sales", "platform"}
 
 max_tokens_cap := 4096
 
-token_limit_fields := ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-
 blocked_phrases := ["ignore previous instructions", "reveal your system prompt"]
 
 deny contains sprintf("tool %q is not permitted", [tool]) if {
@@ -24,9 +22,15 @@ deny contains sprintf("model %q is not on the allow-list", [input.model]) if {
     not input.model in allowed_models
 }
 
-deny contains sprintf("%s %v exceeds the cap of %v", [field, limit, max_tokens_cap]) if {
-    some field in token_limit_fields
-    limit := input.request[field]
+# Fixed keys of input.request let the gateway send the policy those keys, not the whole body.
+requested_limits contains limit if limit := input.request.max_tokens
+
+requested_limits contains limit if limit := input.request.max_completion_tokens
+
+requested_limits contains limit if limit := input.request.max_output_tokens
+
+deny contains sprintf("a token limit of %v exceeds the cap of %v", [limit, max_tokens_cap]) if {
+    some limit in requested_limits
     limit > max_tokens_cap
 }
 

@@ -513,3 +513,20 @@ def test_run_policy_test_missing_file(tmp_path):
     text, code = run_policy_test(str(tmp_path / "absent.rego"), {}, "request")
     assert code == 2
     assert "absent.rego" in text
+
+
+@pytest.mark.parametrize(
+    ("rule", "keys"),
+    [
+        ("deny if input.request.max_tokens > 1", frozenset({"max_tokens"})),
+        ('deny if input.request["max_tokens"] > 1', frozenset({"max_tokens"})),
+        ("deny if { input.request.a.b == 1; input.request.c }", frozenset({"a", "c"})),
+        ('deny if input.model == "x"', frozenset()),
+        ("deny if { x := input.request; x.a }", None),
+        ("deny if { some k; input.request[k] == 1 }", None),
+    ],
+)
+def test_request_keys_analysis(rule, keys):
+    compiled = compile_policy(f"package xenovia.policy\n\n{rule}\n", "keys")
+
+    assert compiled.request_keys == keys

@@ -47,6 +47,7 @@ class CollectorAlreadyRunning(Exception):
 # Trace ids remembered to drop a batch that an exporter sends again after a timed-out
 # Export call the collector had in fact accepted.
 RECENT_TRACE_IDS = 200_000
+COLLECTOR_NICENESS = 10
 
 
 class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
@@ -225,6 +226,8 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    # Writing traces can wait; the workers answering requests should not.
+    os.nice(COLLECTOR_NICENESS)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -46,7 +46,9 @@ class WriterCounters:
 @dataclass(frozen=True)
 class WriterSettings:
     batch_size: int = 5000
-    flush_interval_s: float = 0.2
+    # Each insert costs the embedded engine a new part to merge later, so traces are
+    # batched for up to a second rather than written as they come.
+    flush_interval_s: float = 1.0
     max_pending: int = 100_000
     retry_min_s: float = 0.2
     retry_max_s: float = 10.0
