@@ -36,7 +36,8 @@ def cmd_up(args) -> int:
     from ext_proc.supervisor import GatewayProcesses, StartupError
 
     home = home_paths.home_dir(getattr(args, "home", None))
-    gateway = GatewayProcesses(home, args.port, args.admin_port, args.workers, args.listen)
+    gateway = GatewayProcesses(home, args.port, args.admin_port, args.workers, args.listen,
+                               args.ext_proc_transport)
     try:
         gateway.start()
     except StartupError as exc:
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Envoy admin port on 127.0.0.1 (default 9901)")
     up.add_argument("--workers", type=int, default=int(os.environ.get("XENOVIA_WORKERS", "1")),
                     help="ext_proc worker processes (default 1)")
+    up.add_argument("--ext-proc-transport", choices=("unix", "tcp"),
+                    default=os.environ.get("XENOVIA_EXT_PROC_TRANSPORT", "unix"),
+                    help="how Envoy reaches the workers: Unix sockets (default) or TCP on loopback")
     up.set_defaults(handler=cmd_up)
 
     _add_proxy_commands(commands)

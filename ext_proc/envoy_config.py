@@ -15,14 +15,19 @@ def render_envoy_config(
     *,
     listen_port: int,
     admin_port: int,
-    ext_proc_sockets: list[Path],
+    ext_proc_endpoints: list[Path | tuple[str, int]],
     listen_address: str = "127.0.0.1",
     upstream_ca_file: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> str:
-    endpoints = "\n".join(
-        f"        - endpoint: {{ address: {{ pipe: {{ path: {path} }} }} }}" for path in ext_proc_sockets
-    )
+    lines = []
+    for endpoint in ext_proc_endpoints:
+        if isinstance(endpoint, tuple):
+            address = f"socket_address: {{ address: {endpoint[0]}, port_value: {endpoint[1]} }}"
+        else:
+            address = f"pipe: {{ path: {endpoint} }}"
+        lines.append(f"        - endpoint: {{ address: {{ {address} }} }}")
+    endpoints = "\n".join(lines)
     values = {
         "listen_address": listen_address,
         "listen_port": listen_port,

@@ -115,7 +115,7 @@ def response_body_reply(mutation: Mutation | None = None):
 
 
 def immediate_reply(status: int, body: bytes, headers: dict[str, str], details: str):
-    """Answer the client directly; Envoy sends a JSON body only with an explicit content-type."""
+    """Reply to the client directly; Envoy sends a JSON body only with an explicit content-type."""
     reply = ProcessingResponse()
     immediate = reply.immediate_response
     # envoy.type.v3.StatusCode enum values are the HTTP status numbers themselves.

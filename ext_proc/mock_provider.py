@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import struct
 import threading
 import time
@@ -665,8 +666,11 @@ class MockProvider:
         record: bool = True,
         max_recorded: int = DEFAULT_MAX_RECORDED,
         split_pause_ms: int = DEFAULT_SPLIT_PAUSE_MS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.request_count = 0
+        # Serves https with this server context, to test providers behind TLS.
+        self._tls = tls
         self._latency_ms = latency_ms
         self._expected_authorization = f"Bearer {require_key}" if require_key else None
         self._record = record
@@ -680,7 +684,8 @@ class MockProvider:
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/v1"
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -692,7 +697,9 @@ class MockProvider:
         self.request_count = 0
 
     async def listen(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD_BYTES)
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=MAX_HEAD_BYTES, ssl=self._tls
+        )
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         logger.info("mock provider listening on %s", self.base_url)
 
@@ -800,7 +807,8 @@ async def start_mock_provider(
     Start a mock provider on the running loop. Port 0 binds a free port.
 
     Options: latency_ms (delay before every response), require_key (expected bearer key),
-    record (keep request records), max_recorded, split_pause_ms (pause of x-mock-split-event).
+    record (keep request records), max_recorded, split_pause_ms (pause of x-mock-split-event),
+    tls (an ssl.SSLContext to serve https with).
     """
     provider = MockProvider(**options)
     await provider.listen(host, port)

@@ -1,4 +1,4 @@
-"""What the gateway reads from OpenAI-format requests: route, endpoint and body fields.
+"""Fields the gateway reads from OpenAI-format requests: route, endpoint and body.
 
 The four governed endpoints map onto one set of fields (model, stream, messages, tools,
 tool names, system prompt), so a policy written against ``input.tool_names`` works for

@@ -2,8 +2,8 @@
 
 Envoy opens one gRPC stream per HTTP request and sends, as configured in envoy/:
 request headers, the buffered request body, response headers, then the response body
-(buffered, or streamed chunk by chunk for server-sent events). ``Exchange.handle`` answers
-each message; ``Exchange.finish`` records the trace once, whatever way the exchange ended
+(buffered, or streamed chunk by chunk for server-sent events). ``Exchange.handle`` replies
+to each message; ``Exchange.finish`` records the trace once, whatever way the exchange ended
 (answered, rejected, or cut off by Envoy resetting the stream).
 """
 
@@ -38,7 +38,7 @@ MAX_SESSION_PATH_CHARS = 512
 MAX_FLOW_ID_CHARS = 128
 
 # Client headers that never reach the provider: our own, the client's credentials, and
-# accept-encoding so that providers answer uncompressed bodies the gateway can inspect.
+# accept-encoding so that providers send uncompressed bodies the gateway can inspect.
 _STRIPPED_PREFIX = "x-xenovia-"
 _STRIPPED_HEADERS = (
     "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key",
@@ -116,7 +116,7 @@ class Exchange:
                 return self._on_response_headers(request.response_headers)
             if kind == "response_body":
                 return await self._on_response_body(request.response_body)
-            # Trailers are not requested in envoy/; answer them anyway so Envoy never waits.
+            # Trailers are not requested in envoy/; reply to them anyway so Envoy never waits.
             reply = msgs.ProcessingResponse()
             getattr(reply, kind).SetInParent()
             return reply
@@ -133,7 +133,7 @@ class Exchange:
             self.overhead_s += time.perf_counter() - began
 
     def reject(self, error: GatewayError, details: str) -> msgs.ProcessingResponse:
-        """Answer the client with an error; the request is never sent upstream afterwards."""
+        """Reply to the client with an error; the request is never sent upstream afterwards."""
         self.status = error.status
         self.error_code = error.code
         self.error_message = error.message
@@ -452,7 +452,7 @@ class Exchange:
             text = text[:-1] + ',"request":' + self.body_text + "}"
         return text
 
-    # Response: delegated to ResponseHandler, which knows buffered and streamed bodies.
+    # Response: delegated to ResponseHandler, which handles buffered and streamed bodies.
 
     def _on_response_headers(self, message) -> msgs.ProcessingResponse:
         if self.upstream_sent is not None:

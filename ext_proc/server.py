@@ -60,13 +60,15 @@ def grpc_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        # Accept Envoy's HTTP/2 keepalive pings instead of answering them with GOAWAY.
+        # Accept Envoy's HTTP/2 keepalive pings instead of replying to them with GOAWAY.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
-async def serve(socket_path: Path, home: Path, collector_socket: Path | None = None) -> None:
+async def serve(
+    socket_path: Path | None, home: Path, collector_socket: Path | None = None, tcp: str | None = None
+) -> None:
     settings = Settings.from_environment(home)
     sessions = make_session_resolver(home, settings.redis_url)
     exporter = TraceExporter(str(collector_socket or collector_socket_path(home)))
@@ -76,11 +78,15 @@ async def serve(socket_path: Path, home: Path, collector_socket: Path | None = N
 
     server = grpc.aio.server(options=grpc_options())
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway), server)
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)
-    server.add_insecure_port(f"unix:{socket_path}")
+    if socket_path is not None:
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        socket_path.unlink(missing_ok=True)
+        address = f"unix:{socket_path}"
+    else:
+        address = tcp
+    server.add_insecure_port(address)
     await server.start()
-    logger.info("ext_proc worker %d listening on unix:%s", os.getpid(), socket_path)
+    logger.info("ext_proc worker %d listening on %s", os.getpid(), address)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,12 +99,15 @@ async def serve(socket_path: Path, home: Path, collector_socket: Path | None = N
     await gateway.stop()
     await exporter.shutdown(SHUTDOWN_GRACE_SECONDS)
     await sessions.close()
-    socket_path.unlink(missing_ok=True)
+    if socket_path is not None:
+        socket_path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ext_proc.server", description=__doc__)
-    parser.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
+    listen = parser.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--socket", type=Path, help="Unix socket to listen on")
+    listen.add_argument("--tcp", metavar="HOST:PORT", help="TCP address to listen on instead")
     parser.add_argument("--home", type=Path, default=None, help="home folder (default XENOVIA_HOME)")
     parser.add_argument("--collector-socket", type=Path, default=None, help="trace collector socket")
     parser.add_argument("--log-level", default=os.environ.get("XENOVIA_LOG_LEVEL", "INFO"))
@@ -110,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
-    asyncio.run(serve(args.socket, home_paths.home_dir(args.home), args.collector_socket))
+    asyncio.run(
+        serve(args.socket, home_paths.home_dir(args.home), args.collector_socket, tcp=args.tcp)
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,12 @@ RESTART_WINDOW_SECONDS = 60.0
 MAX_RESTARTS_PER_WINDOW = 5
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class StartupError(RuntimeError):
     """A component of the gateway did not start."""
 
@@ -45,12 +52,14 @@ def envoy_binary() -> str:
 
 class GatewayProcesses:
     def __init__(self, home: Path, port: int, admin_port: int, workers: int = 1,
-                 listen_address: str = "127.0.0.1") -> None:
+                 listen_address: str = "127.0.0.1", ext_proc_transport: str = "unix") -> None:
         self.home = home
         self.port = port
         self.admin_port = admin_port
         self.workers = workers
         self.listen_address = listen_address
+        # Envoy reaches the workers over Unix sockets, or TCP on loopback when asked.
+        self.ext_proc_transport = ext_proc_transport
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.commands: dict[str, list[str]] = {}
         self.restarts: dict[str, list[float]] = {}
@@ -98,25 +107,51 @@ class GatewayProcesses:
                                   "--socket", str(collector_socket), "--home", str(self.home)])
         self._wait_for_socket("collector", collector_socket)
 
-        sockets = [home_paths.ext_proc_socket(self.home, index) for index in range(self.workers)]
-        for index, socket_path in enumerate(sockets):
-            socket_path.unlink(missing_ok=True)
-            self._spawn(f"ext_proc worker {index}", [
-                sys.executable, "-m", "ext_proc.server", "--socket", str(socket_path),
-                "--home", str(self.home), "--collector-socket", str(collector_socket),
-            ])
-        for index, socket_path in enumerate(sockets):
-            self._wait_for_socket(f"ext_proc worker {index}", socket_path)
-
+        endpoints = self._start_workers(collector_socket)
         config_path = run_dir / "envoy.yaml"
         config_path.write_text(render_envoy_config(
-            listen_port=self.port, admin_port=self.admin_port, ext_proc_sockets=sockets,
+            listen_port=self.port, admin_port=self.admin_port, ext_proc_endpoints=endpoints,
             listen_address=self.listen_address,
         ))
         self._spawn("envoy", [envoy_binary(), "-c", str(config_path), "--disable-hot-restart",
                               "--log-level", os.environ.get("XENOVIA_ENVOY_LOG_LEVEL", "warn"),
                               "--concurrency", os.environ.get("XENOVIA_ENVOY_CONCURRENCY", "1")])
         self._wait_for_envoy()
+
+    def _start_workers(self, collector_socket: Path) -> list:
+        endpoints: list = []
+        for index in range(self.workers):
+            command = [sys.executable, "-m", "ext_proc.server", "--home", str(self.home),
+                       "--collector-socket", str(collector_socket)]
+            if self.ext_proc_transport == "tcp":
+                endpoint = ("127.0.0.1", _free_port())
+                command += ["--tcp", f"{endpoint[0]}:{endpoint[1]}"]
+            else:
+                endpoint = home_paths.ext_proc_socket(self.home, index)
+                endpoint.unlink(missing_ok=True)
+                command += ["--socket", str(endpoint)]
+            self._spawn(f"ext_proc worker {index}", command)
+            endpoints.append(endpoint)
+        for index, endpoint in enumerate(endpoints):
+            if isinstance(endpoint, tuple):
+                self._wait_for_port(f"ext_proc worker {index}", endpoint)
+            else:
+                self._wait_for_socket(f"ext_proc worker {index}", endpoint)
+        return endpoints
+
+    def _wait_for_port(self, name: str, endpoint: tuple[str, int]) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while True:
+            self._check_alive()
+            try:
+                socket.create_connection(endpoint, timeout=1).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StartupError(f"{name} did not listen on {endpoint} within "
+                                   f"{STARTUP_TIMEOUT_SECONDS:.0f} s")
+            time.sleep(0.05)
 
     def _check_alive(self) -> None:
         for name, process in self.processes:

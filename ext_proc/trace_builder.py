@@ -26,6 +26,12 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
     output = response.output if response is not None else None
     usage = normalise_usage(output.usage if output is not None else None)
 
+    org_id = proxy.org_id if proxy else ""
+    if not org_id and exchange.key is not None:
+        org_id = exchange.key.org_id
+    status = exchange.status
+    if not status and cancelled:
+        status = 499  # the client went away before any status was known
     trace = trace_pb2.Trace(
         trace_id=exchange.trace_id,
         start_unix_nano=exchange.start_ns,
@@ -38,7 +44,7 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
         flow_id=exchange.flow_id,
         # Before authentication succeeds this is the proxy id the URL named.
         proxy_id=proxy.id if proxy else exchange.route_proxy_id,
-        org_id=proxy.org_id if proxy else (exchange.key.org_id if exchange.key else ""),
+        org_id=org_id,
         environment=proxy.environment if proxy else "",
         key_id=exchange.key.id if exchange.key else "",
         provider=proxy.provider if proxy else "",
@@ -52,7 +58,7 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
         latency_ms=latency_ms,
         overhead_ms=exchange.overhead_s * 1000,
         policy_ms=exchange.policy_ms,
-        status=exchange.status if exchange.status else (499 if cancelled else 0),
+        status=status,
         error_type=exchange.error_code,
         error_message=exchange.error_message[:1024],
         policy_outcome=exchange.policy_outcome,

@@ -538,7 +538,7 @@ def test_worker_down_gets_503_then_recovers(provider, tmp_path):
                            provider.base_url).stdout.strip()
         key = run_cli(home, "key", "create", "--proxy", proxy_id).stdout.strip()
         running.wait_for_reload()
-        worker = subprocess.run(["pgrep", "-f", f"ext_proc.server --socket {home}"],
+        worker = subprocess.run(["pgrep", "-f", f"ext_proc.server --home {home} "],
                                 capture_output=True, text=True).stdout.split()
         assert len(worker) == 1
         subprocess.run(["kill", "-9", worker[0]], check=True)
@@ -556,3 +556,41 @@ def test_worker_down_gets_503_then_recovers(provider, tmp_path):
         assert recovered.status_code == 200
     finally:
         running.stop()
+
+
+def test_tcp_transport_to_workers(provider, tmp_path):
+    from gateway_harness import RunningGateway, run_cli
+
+    home = tmp_path / "tcp"
+    running = RunningGateway(home, {"XENOVIA_TEST_PROVIDER_KEY": PROVIDER_KEY,
+                                    "XENOVIA_EXT_PROC_TRANSPORT": "tcp"}).start()
+    try:
+        proxy_id = run_cli(home, "proxy", "create", "--name", "tcp", "--upstream-url",
+                           provider.base_url).stdout.strip()
+        key = run_cli(home, "key", "create", "--proxy", proxy_id).stdout.strip()
+        running.wait_for_reload()
+
+        client = OpenAI(api_key=key, base_url=running.base_url(proxy_id), max_retries=0)
+        completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+        assert completion.choices[0].message.content
+        assert "socket_address" in (home / "run" / "envoy.yaml").read_text()
+    finally:
+        assert running.stop() == 0
+
+
+def test_broken_registry_file_keeps_last_good(gateway):
+    access = gateway.new_proxy("broken-file")
+    proxies_file = gateway.home / "config" / "proxies.json"
+    good = proxies_file.read_text()
+    try:
+        proxies_file.write_text(good[: len(good) // 2])
+        import time
+
+        time.sleep(1.5)
+
+        assert raw_post(access).status_code == 200
+        assert "registry reload failed" in gateway.log_tail(200)
+    finally:
+        proxies_file.write_text(good)
+        gateway.wait_for_reload()
