@@ -32,6 +32,12 @@ def _editor(args) -> RegistryEditor:
     return RegistryEditor(home_paths.home_dir(getattr(args, "home", None)))
 
 
+def _print_json_lines(rows: list[dict]) -> int:
+    for row in rows:
+        print(json.dumps(row, sort_keys=True))
+    return 0
+
+
 def cmd_up(args) -> int:
     from ext_proc.supervisor import GatewayProcesses, StartupError
 
@@ -83,9 +89,7 @@ def cmd_proxy_update(args) -> int:
 def cmd_proxy_list(args) -> int:
     proxies = _editor(args).list_proxies()
     if args.json:
-        for proxy in proxies:
-            print(json.dumps(proxy, sort_keys=True))
-        return 0
+        return _print_json_lines(proxies)
     print(f"{'ID':<22} {'NAME':<20} {'ORG':<14} {'ENV':<8} {'POLICIES':<18} UPSTREAM")
     for proxy in proxies:
         stages = ",".join(sorted(proxy.get("policies", {}))) or "-"
@@ -116,9 +120,7 @@ def cmd_key_revoke(args) -> int:
 def cmd_key_list(args) -> int:
     entries = _editor(args).list_keys()
     if args.json:
-        for entry in entries:
-            print(json.dumps(entry, sort_keys=True))
-        return 0
+        return _print_json_lines(entries)
     print(f"{'ID':<22} {'CREATED':<21} {'REVOKED':<21} PROXIES")
     for entry in entries:
         print(f"{entry['id']:<22} {entry.get('created_at', ''):<21} "
@@ -159,9 +161,7 @@ def cmd_policy_detach(args) -> int:
 def cmd_policy_list(args) -> int:
     rows = _editor(args).list_policies(args.proxy)
     if args.json:
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
-        return 0
+        return _print_json_lines(rows)
     print(f"{'PROXY':<22} {'STAGE':<9} {'NAME':<32} {'MODE':<8} ATTACHED")
     for row in rows:
         mode = "dry-run" if row.get("dry_run") else "enforce"

@@ -573,8 +573,8 @@ class PolicyEngine:
         self.stage = stage
         self._thread_id = threading.get_ident()
         self._policies = _attach_names(policies)
-        self._required_fields = _union_fields(policy for policy, _ in policies)
-        self._request_keys = _union_request_keys(policy for policy, _ in policies)
+        self._required_fields = _union_or_none(policy.required_fields for policy, _ in policies)
+        self._request_keys = _union_or_none(policy.request_keys for policy, _ in policies)
         self._gathers_prints = any("print(" in policy.module_text for policy, _ in policies)
         self._engine = self._build(policies)
 
@@ -679,22 +679,14 @@ def _attach_names(policies: Sequence[tuple[CompiledPolicy, bool]]) -> tuple[_Att
     return tuple(attached)
 
 
-def _union_fields(policies) -> frozenset[str] | None:
-    fields: set[str] = set()
-    for policy in policies:
-        if policy.required_fields is None:
+def _union_or_none(sets) -> frozenset[str] | None:
+    """Return the union of the sets, or None as soon as one of them is None (meaning any)."""
+    union: set[str] = set()
+    for items in sets:
+        if items is None:
             return None
-        fields |= policy.required_fields
-    return frozenset(fields)
-
-
-def _union_request_keys(policies) -> frozenset[str] | None:
-    keys: set[str] = set()
-    for policy in policies:
-        if policy.request_keys is None:
-            return None
-        keys |= policy.request_keys
-    return frozenset(keys)
+        union |= items
+    return frozenset(union)
 
 
 def _input_error(message: str) -> Decision:
