@@ -261,7 +261,7 @@ class Exchange:
         upstream = self.proxy.upstream
         forbidden = self.gateway.address_check.error_for(upstream.host, upstream.port)
         if forbidden:
-            logger.error("trace %s: proxy %s upstream refused: %s", self.trace_id, self.proxy.id, forbidden)
+            logger.error("trace %s: upstream of proxy %s rejected: %s", self.trace_id, self.proxy.id, forbidden)
             raise GatewayError(502, errors.UPSTREAM_FORBIDDEN, "the proxy's upstream address is not allowed",
                                errors.UPSTREAM)
         mutation = Mutation()

@@ -64,7 +64,12 @@ class ResponseHandler(StreamBodies):
             return msgs.response_headers_reply(mutation, msgs.BUFFERED)
 
         has_policy = self._response_engine() is not None
-        if has_policy and self.exchange.proxy.stream_policy_mode == "hold":
+        # Dry-run policies never block, so holding the stream for them would only delay it.
+        enforcing = any(
+            not attachment.dry_run
+            for attachment in self.exchange.proxy.policies.get("response", ())
+        )
+        if has_policy and enforcing and self.exchange.proxy.stream_policy_mode == "hold":
             # In BUFFERED mode Envoy holds the response headers until the service replies to
             # the body, so a block still becomes a 403 before any byte reaches the client.
             self.stream_mode = "hold"

@@ -92,7 +92,7 @@ class ToolCall:
 
 @dataclass
 class ModelOutput:
-    """What the model returned, assembled from a whole body or from stream events."""
+    """The model's output, assembled from a whole body or from stream events."""
 
     request_type: str
     # Text of the first choice; other choices (n > 1) are kept apart so that they cannot

@@ -504,6 +504,9 @@ def test_dry_run_records_without_blocking(gateway, mode):
         assert trace["dry_run"] is True
         assert trace["dry_run_outcome"] == "block_response"
         assert_rule(trace, "response_block_drop_table")
+    streamed_trace = wait_for_trace(gateway.home, streamed.headers["x-xenovia-trace-id"])
+    # A dry-run policy cannot block, so the stream is never held for it.
+    assert streamed_trace["stream_policy_mode"] == "live"
 
 
 def test_request_dry_run_records_block(gateway):
