@@ -6,6 +6,7 @@ that governs it; stop order is the reverse, so that in-flight traces are flushed
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -27,7 +28,14 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 RESTART_WINDOW_SECONDS = 60.0
+_PR_SET_PDEATHSIG = 1
 MAX_RESTARTS_PER_WINDOW = 5
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child when `xenovia up` dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -71,7 +79,10 @@ class GatewayProcesses:
         return environment
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
-        process = subprocess.Popen(command, env=self._child_environment(), start_new_session=True)
+        process = subprocess.Popen(
+            command, env=self._child_environment(), start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self.processes.append((name, process))
         self.commands[name] = command
         logger.info("started %s (pid %d)", name, process.pid)
@@ -91,7 +102,8 @@ class GatewayProcesses:
             return False
         self.restarts[name] = recent + [now]
         replacement = subprocess.Popen(
-            self.commands[name], env=self._child_environment(), start_new_session=True
+            self.commands[name], env=self._child_environment(), start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.processes[index] = (name, replacement)
         logger.warning("restarted %s (pid %d) after it exited with status %s",

@@ -594,3 +594,25 @@ def test_broken_registry_file_keeps_last_good(gateway):
     finally:
         proxies_file.write_text(good)
         gateway.wait_for_reload()
+
+
+def test_children_stop_when_up_is_killed(tmp_path):
+    import time
+
+    from gateway_harness import RunningGateway
+
+    home = tmp_path / "orphans"
+    running = RunningGateway(home).start()
+
+    def survivors() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True)
+        return found.stdout.split()
+
+    assert len(survivors()) >= 3
+    running.process.kill()
+    running.process.wait()
+    deadline = time.monotonic() + 20
+    while survivors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert survivors() == []
