@@ -34,6 +34,19 @@ _SECRET_HINT = re.compile(
     r"[xsAgBb](?:e_|k-|KIA|Iza|sk_|h[pousr]_|ithub_pat_|ox[abprs]-|[Ee][Aa][Rr][Ee][Rr]\s)"
 )
 _DASHED_PAIR = re.compile(r"-\d\d-")
+# Hints on UTF-8 bytes that match wherever a secret, email or SSN pattern could match.
+# Each starts with a literal byte, which lets the regex engine skip ahead quickly over a
+# whole batch. "\s" after "bearer" is dropped because it would miss Unicode spaces, and an
+# SSN digit may be any multi-byte character because Python's \d takes Unicode digits.
+_DIGIT_BYTES = rb"(?:[0-9]|[\xc0-\xf7][\x80-\xbf]{1,3})"
+_SECRET_BYTES = (
+    re.compile(rb"_(?:(?<=xe_)|(?<=sk_)|(?<=gh[pousr]_)|(?<=_pat_))"),
+    re.compile(rb"-(?:(?<=sk-)|(?<=xox[abprs]-))"),
+    re.compile(rb"A(?:KIA|Iza)"),
+)
+# "@" also occurs in binary framing, so an address character must come before it.
+_EMAIL_BYTES = re.compile(rb"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]{1,63}\.[A-Za-z]{2}")
+_SSN_BYTES = re.compile(rb"-" + _DIGIT_BYTES + rb"{2}-" + _DIGIT_BYTES + rb"{4}")
 
 
 def _has_email_hint(text: str) -> bool:
@@ -72,6 +85,22 @@ class Scrubber:
     def finds_anything(self, text: str) -> bool:
         """Return whether ``scrub`` could change ``text``; false positives are allowed."""
         return bool(_SECRET_HINT.search(text) or self._pii_hinted(text))
+
+    def might_change_bytes(self, data: bytes) -> bool:
+        """Return whether ``scrub`` could change a string inside UTF-8 ``data``.
+
+        False positives are allowed. ``data`` may be a serialized message, whose framing
+        bytes cannot hide a string's content because protobuf stores strings unchanged.
+        """
+        if self.pii_kinds - _PII_HINTS.keys():
+            return True
+        if any(pattern.search(data) for pattern in _SECRET_BYTES):
+            return True
+        if b"bearer" in data.lower():
+            return True
+        if "email" in self.pii_kinds and _EMAIL_BYTES.search(data):
+            return True
+        return "ssn" in self.pii_kinds and _SSN_BYTES.search(data) is not None
 
     def scrub(self, text: str) -> str:
         if not text:

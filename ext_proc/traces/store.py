@@ -12,16 +12,16 @@ import json
 import logging
 import math
 import os
+import tempfile
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import clickhouse_connect
-from clickhouse_connect.datatypes.registry import get_from_name
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from ext_proc.traces import CLICKHOUSE_URL_ENV, clickhouse_dsn, clickhouse_store_path
-from ext_proc.traces.rows import STEP_COLUMNS, TRACE_COLUMNS, ColumnBatch
+from ext_proc.traces import CLICKHOUSE_URL_ENV, clickhouse_dsn, clickhouse_store_path, insert_sql
+from ext_proc.traces.rows import EncodedBatch
 from ext_proc.traces.schema import Retention, apply_retention, migrate
 
 logger = logging.getLogger(__name__)
@@ -42,11 +42,12 @@ class QueryError(StoreError):
 class TraceStore:
     """Opened, migrated trace store with insert and read-only query operations."""
 
-    def __init__(self, client, reader, description: str) -> None:
+    def __init__(self, client, reader, description: str, embedded: bool) -> None:
         self.client = client
         self.reader = reader
         self.description = description
-        self._column_types: dict[str, list] = {}
+        self.embedded = embedded
+        self._format_settings = insert_sql.format_schema_settings()
 
     @classmethod
     def open(
@@ -68,33 +69,55 @@ class TraceStore:
         except (ClickHouseError, OSError) as exc:
             raise StoreError(f"cannot open trace store: {exc}") from exc
         description = _describe_url(url) if url else f"chdb {clickhouse_store_path(home)}"
-        return cls(client, reader, description)
+        return cls(client, reader, description, embedded=not url)
 
-    def insert(self, batch: ColumnBatch, token: str) -> None:
+    def insert(self, batch: EncodedBatch, token: str) -> None:
         """Insert one batch; a retry with the same ``token`` writes nothing twice."""
         try:
-            if batch.trace_count:
-                self._insert("traces", TRACE_COLUMNS, batch.traces, f"{token}-traces")
-            if batch.step_count:
-                self._insert("trace_steps", STEP_COLUMNS, batch.steps, f"{token}-steps")
+            if self.embedded:
+                self._insert_from_file(batch, token)
+            else:
+                self._insert_from_body(batch, token)
         except (ClickHouseError, OSError) as exc:
             raise StoreError(f"insert failed: {exc}") from exc
 
-    def _insert(self, table: str, names: tuple, columns: list, token: str) -> None:
-        types = self._column_types.get(table)
-        if types is None:
-            context = self.client.create_insert_context(table, list(names))
-            types = self._column_types[table] = [_plain_type(t) for t in context.column_types]
-        self.client.insert(
-            table,
-            columns,
-            column_names=list(names),
-            column_types=types,
-            column_oriented=True,
+    def _insert_from_file(self, batch: EncodedBatch, token: str) -> None:
+        # The embedded engine reads the payload from a file, which both INSERTs share.
+        with tempfile.NamedTemporaryFile(suffix=".pb") as payload:
+            payload.write(batch.payload)
+            payload.flush()
+            path = Path(payload.name)
+            if batch.trace_count:
+                source = insert_sql.file_source(path, insert_sql.TRACE_STRUCTURE)
+                self._run_insert(insert_sql.traces_select(batch, source), f"{token}-traces")
+            if batch.step_count:
+                source = insert_sql.file_source(path, insert_sql.STEP_STRUCTURE)
+                self._run_insert(insert_sql.steps_select(batch, source), f"{token}-steps")
+
+    def _insert_from_body(self, batch: EncodedBatch, token: str) -> None:
+        # NOTE: format_schema_source needs a server of version 25.x or later (chDB 26.9 has
+        # it). Only the embedded path is run by the tests.
+        if batch.trace_count:
+            source = insert_sql.input_source(insert_sql.TRACE_STRUCTURE)
+            sql = insert_sql.traces_select(batch, source)
+            self._run_insert(sql, f"{token}-traces", batch.payload)
+        if batch.step_count:
+            source = insert_sql.input_source(insert_sql.STEP_STRUCTURE)
+            sql = insert_sql.steps_select(batch, source)
+            self._run_insert(sql, f"{token}-steps", batch.payload)
+
+    def _run_insert(self, sql: str, token: str, data: bytes | None = None) -> None:
+        settings = {
+            **self._format_settings,
+            "insert_deduplication_token": token,
             # Synchronous distributed inserts carry the token to the shards of a cluster
             # (deploy/clickhouse/cluster.sql); plain tables ignore the setting.
-            settings={"insert_deduplication_token": token, "insert_distributed_sync": 1},
-        )
+            "insert_distributed_sync": 1,
+        }
+        if data is None:
+            self.client.command(sql, settings=settings)
+        else:
+            self.client.command(f"{sql} FORMAT ProtobufList", data=data, settings=settings)
 
     def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:
         """Run ``sql`` read-only with server-side bound ``parameters``."""
@@ -107,15 +130,6 @@ class TraceStore:
     def close(self) -> None:
         self.reader.close()
         self.client.close()
-
-
-def _plain_type(column_type):
-    # clickhouse-connect builds LowCardinality dictionaries in Python, which costs more
-    # than the rest of the insert; sent as plain strings, the server converts them.
-    name = column_type.name
-    if name.startswith("LowCardinality(") and "Nullable" not in name:
-        return get_from_name(name[len("LowCardinality(") : -1])
-    return column_type
 
 
 def _connect(home: Path, url: str | None, settings: dict):

@@ -4,6 +4,9 @@ One thread owns the store and does all of its work: inserts, spool replay and th
 read-only queries of the Query RPC. clickhouse-connect is blocking, and a chDB client is
 kept on the thread that opened it.
 
+While one batch is inserted, a second thread builds the next full batch. The embedded
+engine releases the GIL during a query, so the two run at the same time.
+
 Order is kept across an outage. Once a batch has failed, later batches go straight to the
 spool, and the spool is replayed oldest first before new batches are written again.
 """
@@ -75,6 +78,11 @@ class TraceWriter:
         self.counters = WriterCounters()
         self._store: TraceStore | None = None
         self._pending: deque[trace_pb2.Trace] = deque()
+        # The batch taken from _pending ahead of its turn, with its build in progress.
+        self._next: tuple[list[trace_pb2.Trace], concurrent.futures.Future] | None = None
+        self._build_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="trace-builder"
+        )
         self._jobs: deque[tuple[Callable, concurrent.futures.Future]] = deque()
         self._condition = threading.Condition()
         self._stopping = False
@@ -134,6 +142,7 @@ class TraceWriter:
                 next_counter_log = time.monotonic() + _COUNTER_LOG_INTERVAL_S
                 last_logged = self._log_counters(last_logged)
         self._fail_waiting_jobs()
+        self._build_executor.shutdown(wait=True)
         if self._store is not None:
             self._store.close()
         logger.info("trace writer stopped: %s", asdict(self.counters))
@@ -149,7 +158,7 @@ class TraceWriter:
                     or self._stopping
                 )
                 replay_due = self.spool.oldest() is not None and now >= self._retry_at
-                if due or self._jobs or replay_due or self._stopping:
+                if self._next is not None or due or self._jobs or replay_due or self._stopping:
                     break
                 timeout = settings.flush_interval_s
                 if self._pending:
@@ -160,7 +169,9 @@ class TraceWriter:
             jobs = list(self._jobs)
             self._jobs.clear()
             batch = []
-            if due:
+            if self._next is not None:
+                batch = self._next[0]
+            elif due:
                 count = min(len(self._pending), settings.batch_size)
                 batch = [self._pending.popleft() for _ in range(count)]
                 self._oldest_pending_at = time.monotonic()
@@ -198,10 +209,14 @@ class TraceWriter:
 
     def _write_or_spool(self, batch: list[trace_pb2.Trace]) -> None:
         token = uuid.uuid4().hex
+        prebuilt = None
+        if self._next is not None and self._next[0] is batch:
+            prebuilt = self._next[1]
+            self._next = None
         store_usable = self.spool.oldest() is None and time.monotonic() >= self._retry_at
         if store_usable and not (self._stopping and self._past_deadline()):
             try:
-                self._insert(batch, token)
+                self._insert(batch, token, prebuilt, build_next=True)
                 self.counters.written += len(batch)
                 self._retry_delay = self.settings.retry_min_s
                 return
@@ -210,9 +225,28 @@ class TraceWriter:
                 self._note_failure(exc, len(batch))
         self._spool(batch, token)
 
-    def _insert(self, traces: Sequence[trace_pb2.Trace], token: str) -> None:
+    def _insert(
+        self,
+        traces: Sequence[trace_pb2.Trace],
+        token: str,
+        prebuilt: concurrent.futures.Future | None = None,
+        build_next: bool = False,
+    ) -> None:
         store = self._ensure_store()
-        store.insert(self.builder.build(list(traces)), token)
+        batch = prebuilt.result() if prebuilt is not None else self.builder.build(list(traces))
+        if build_next:
+            self._build_next_batch()
+        store.insert(batch, token)
+
+    def _build_next_batch(self) -> None:
+        # Only a full batch is taken early: a partial one waits for flush_interval_s.
+        with self._condition:
+            if self._next is not None or len(self._pending) < self.settings.batch_size:
+                return
+            batch = [self._pending.popleft() for _ in range(self.settings.batch_size)]
+            self._oldest_pending_at = time.monotonic()
+            self.counters.pending = len(self._pending)
+            self._next = (batch, self._build_executor.submit(self.builder.build, batch))
 
     def _spool(self, batch: list[trace_pb2.Trace], token: str) -> None:
         payload = trace_pb2.ExportRequest(traces=batch).SerializeToString()
