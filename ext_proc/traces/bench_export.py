@@ -162,7 +162,12 @@ def _wait_for_collector(stub: trace_pb2_grpc.TraceCollectorStub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ext_proc.traces.bench_export")
     parser.add_argument("--traces", type=int, default=200_000, help="traces per measurement")
-    parser.add_argument("--batch-size", type=int, default=5000, help="traces per insert")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=WriterSettings().batch_size,
+        help="traces per insert (default: the collector's)",
+    )
     parser.add_argument("--exporters", type=int, default=2, help="exporters sending end to end")
     args = parser.parse_args(argv)
 
