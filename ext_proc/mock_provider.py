@@ -17,6 +17,8 @@ Request headers select a scenario per request:
     x-mock-chunk-delay-ms: N       wait N ms between stream events
     x-mock-split-event: 1          write the first content event of a stream in two flushed writes
     x-mock-truncate: 1             end a stream cleanly after two content events, without [DONE]
+    x-mock-raw-event: TEXT         send TEXT as its own chunk before a stream's first event, with
+                                   the escapes \\r and \\n turned into CR and LF
     x-mock-gzip: 1                 gzip the body (streams get one sync flush per event)
 
 Every API request is counted and, unless recording is off, recorded. `GET /_mock/requests`
@@ -117,6 +119,7 @@ class _Scenario:
     chunk_delay_ms: int = 0
     split_event: bool = False
     truncate: bool = False
+    raw_event: bytes | None = None
     gzip: bool = False
 
 
@@ -144,6 +147,8 @@ def _parse_scenario(headers: dict[str, str]) -> _Scenario:
     scenario.no_usage = get("x-mock-no-usage", "").lower() in _FLAG_VALUES
     scenario.split_event = get("x-mock-split-event", "").lower() in _FLAG_VALUES
     scenario.truncate = get("x-mock-truncate", "").lower() in _FLAG_VALUES
+    if raw_event := get("x-mock-raw-event"):
+        scenario.raw_event = raw_event.replace("\\r", "\r").replace("\\n", "\n").encode()
     scenario.gzip = get("x-mock-gzip", "").lower() in _FLAG_VALUES
     return scenario
 
@@ -623,6 +628,8 @@ class _Output:
 
 async def _send_events(out: _Output, events: _Events, scenario: _Scenario, split_pause_s: float):
     await out.start_stream()
+    if scenario.raw_event is not None:
+        await out.send_chunk(scenario.raw_event)
     content_sent = 0
     for position, (data, is_content) in enumerate(events):
         if scenario.truncate and content_sent >= TRUNCATE_AFTER_CONTENT_EVENTS:

@@ -233,9 +233,15 @@ def _chat_tool_names(tools: list) -> list[str]:
     for tool in tools:
         if not isinstance(tool, dict):
             continue
-        name = _tool_name(tool.get("function")) or _tool_name(tool.get("custom")) or _tool_name(tool)
-        if name:
-            names.append(name)
+        # Every name the entry carries counts, whichever block its type selects, so that a
+        # provider reading another block than the policy cannot call an unchecked tool.
+        found = [
+            name
+            for name in (_tool_name(tool.get("function")), _tool_name(tool.get("custom")), _tool_name(tool))
+            if name
+        ]
+        if found:
+            names.extend(dict.fromkeys(found))
         elif isinstance(tool.get("type"), str):
             names.append(tool["type"])
     return names

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 
@@ -40,6 +41,13 @@ MAX_FLOW_ID_CHARS = 128
 # Client headers that never reach the provider: our own, the client's credentials, and
 # accept-encoding so that providers send uncompressed bodies the gateway can inspect.
 _STRIPPED_PREFIX = "x-xenovia-"
+# Header names that carry a credential of some service or the client's address, whatever
+# the vendor prefix: x-goog-api-key, anthropic-api-key, x-auth-token, true-client-ip, ...
+# x-forwarded-proto stays: Envoy routes on it, and it names no one.
+_CREDENTIAL_OR_CLIENT = re.compile(
+    r"auth|token|secret|api-key|apikey|subscription-key|cookie|client-ip|connecting-ip|"
+    r"real-ip|forwarded(?!-proto$)|^via$"
+)
 _STRIPPED_HEADERS = (
     "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key",
     "openai-organization", "openai-project", "accept-encoding",
@@ -266,7 +274,7 @@ class Exchange:
                                errors.UPSTREAM)
         mutation = Mutation()
         for name in headers:
-            if name.startswith(_STRIPPED_PREFIX) or name in _STRIPPED_HEADERS:
+            if name.startswith(_STRIPPED_PREFIX) or name in _STRIPPED_HEADERS or _CREDENTIAL_OR_CLIENT.search(name):
                 mutation.remove(name)
         if self.proxy.upstream_key_env:
             credential = os.environ.get(self.proxy.upstream_key_env)

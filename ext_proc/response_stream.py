@@ -12,10 +12,14 @@ import zlib
 from ext_proc import envoy_messages as msgs
 from ext_proc import errors, redaction
 from ext_proc.envoy_messages import Mutation
-from ext_proc.sse import SseEvent, is_usage_only_chunk
+from ext_proc.policy import Decision
+from ext_proc.sse import SseEvent, is_usage_only_chunk, parse_event
 from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 
 logger = logging.getLogger(__name__)
+
+
+_UNREADABLE = "the provider sent a stream event that is not valid JSON"
 
 
 class StreamBodies:
@@ -27,6 +31,9 @@ class StreamBodies:
         # SSE clients never dispatch a partial event at the end of a body, so it is dropped.
         events = [event for event in self._reassembler.feed(decoded) if self._observe_event(event)]
         self.stream_completed = self._stream_done()
+        if any(event.data and event.json() is None and not event.is_done_marker for event in events):
+            # A client may read data the gateway cannot, so the answer is not released.
+            return self._block_response(errors.POLICY_ERROR, _UNREADABLE)
 
         decision = self._evaluate()
         if decision is not None and decision.outcome == "deny":
@@ -97,7 +104,11 @@ class StreamBodies:
         """Return the events to append when the provider ends the stream."""
         tail = []
         partial = self._reassembler.pending
-        if partial and self.stream_mode == "none":
+        if partial and parse_event(partial).is_done_marker:
+            # A final [DONE] without its blank line still ends the stream properly.
+            self._saw_done = True
+            tail.append(SseEvent(b"data: [DONE]\n\n", data="[DONE]"))
+        elif partial and self.stream_mode == "none":
             # Nothing evaluates this stream, so the provider's unterminated last event passes,
             # ended with the blank line that keeps a following error event separate.
             tail.append(SseEvent(partial.rstrip(b"\r\n") + b"\n\n"))
@@ -152,6 +163,9 @@ class StreamBodies:
     def _evaluate_live(self, event: SseEvent) -> list[SseEvent]:
         """Return the events to send for ``event``: itself, redacted events, or an error event."""
         if event.json() is None and not event.is_done_marker:
+            if event.data:
+                # A client may read data the gateway cannot, so it is not let through.
+                return [self._end_with_block(Decision(outcome="deny", error=_UNREADABLE))]
             return [event]
         decision = self._evaluate()
         self._merge_live_policy_steps()
@@ -187,6 +201,8 @@ class StreamBodies:
         self.exchange.policy_outcome = "block_response"
         self.exchange.error_code = code
         self.exchange.error_message = "the response policy ended the stream"
+        if decision.error and not self.exchange.policy_reason:
+            self.exchange.policy_reason = decision.error
         body = errors.sse_error_event(
             errors.POLICY_BLOCK_MESSAGE, errors.POLICY_VIOLATION, code, self.exchange.trace_id
         )

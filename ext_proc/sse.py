@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 
@@ -27,7 +28,12 @@ class SseEvent:
 
 
 class SseReassembler:
-    """Split a byte stream into complete events, keeping a partial event for the next chunk."""
+    """Split a byte stream into complete events, keeping a partial event for the next chunk.
+
+    Events end at a blank line, and lines end with CRLF, LF or CR alone, as the
+    server-sent events format defines them; clients such as the openai SDK split the
+    same way, so the gateway evaluates exactly the events a client will see.
+    """
 
     def __init__(self) -> None:
         self._pending = b""
@@ -40,30 +46,25 @@ class SseReassembler:
         buffer = self._pending + chunk if self._pending else chunk
         events = []
         start = 0
-        while True:
-            end, separator = _next_boundary(buffer, start)
-            if end < 0:
-                break
-            events.append(parse_event(buffer[start : end + separator]))
-            start = end + separator
+        for boundary in _EVENT_BOUNDARY.finditer(buffer):
+            events.append(parse_event(buffer[start : boundary.end()]))
+            start = boundary.end()
         self._pending = buffer[start:]
         return events
 
 
-def _next_boundary(buffer: bytes, start: int) -> tuple[int, int]:
-    lf = buffer.find(b"\n\n", start)
-    crlf = buffer.find(b"\r\n\r\n", start)
-    if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, 4
-    return lf, 2
+# Two line endings in a row; a CR counts alone only when no LF follows it.
+_LINE_END = rb"(?:\r\n|\r(?!\n)|\n)"
+_EVENT_BOUNDARY = re.compile(_LINE_END + _LINE_END)
+_LINE_SPLIT = re.compile(r"\r\n|\r|\n")
 
 
 def parse_event(raw: bytes) -> SseEvent:
     event = SseEvent(raw)
     data_lines = []
-    for line in raw.decode("utf-8", "replace").splitlines():
+    for line in _LINE_SPLIT.split(raw.decode("utf-8", "replace")):
         if line.startswith("data:"):
-            data_lines.append(line[5:].lstrip(" ") if line[5:6] == " " else line[5:])
+            data_lines.append(line[6:] if line[5:6] == " " else line[5:])
         elif line.startswith("event:"):
             event.event = line[6:].strip()
     event.data = "\n".join(data_lines)
@@ -99,8 +100,8 @@ class ModelOutput:
     # interleave with it, and policies see them all.
     content_parts: list[str] = field(default_factory=list)
     other_choices: dict[int, list[str]] = field(default_factory=dict)
-    # Keyed by choice index * CHOICE_STRIDE + the call's index within its choice.
-    tool_calls: dict[int, ToolCall] = field(default_factory=dict)
+    # Keyed by (choice index, call index) for chat answers, (0, output index) for Responses.
+    tool_calls: dict[tuple[int, int], ToolCall] = field(default_factory=dict)
     finish_reason: str = ""
     usage: dict | None = None
     model_served: str = ""
@@ -154,8 +155,7 @@ class ModelOutput:
             return
         for position, choice in enumerate(choices):
             if isinstance(choice, dict):
-                index = choice.get("index", position)
-                self._add_choice(choice, index if isinstance(index, int) else position, delta)
+                self._add_choice(choice, _index(choice.get("index"), position), delta)
 
     def _add_choice(self, choice: dict, choice_index: int, delta: bool) -> None:
         parts = self.content_parts if choice_index == 0 else self.other_choices.setdefault(choice_index, [])
@@ -168,25 +168,27 @@ class ModelOutput:
             return
         if isinstance(message.get("content"), str):
             parts.append(message["content"])
-        base = choice_index * CHOICE_STRIDE
         for position, call in enumerate(message.get("tool_calls") or []):
             if isinstance(call, dict):
-                self._add_tool_call_delta(call, base, position)
+                # A whole message lists its calls in order; a stream delta names its call's
+                # index, which clients use to join the fragments of one call.
+                index = _index(call.get("index"), position) if delta else position
+                self._add_tool_call_delta(call, (choice_index, index))
         legacy = message.get("function_call")
         if isinstance(legacy, dict):
             # The deprecated single function call of older chat answers.
-            self._add_tool_call_delta({"function": legacy}, base + CHOICE_STRIDE - 1, 0)
+            self._add_tool_call_delta({"function": legacy}, (choice_index, LEGACY_CALL_INDEX))
 
-    def _add_tool_call_delta(self, call: dict, base: int, position: int) -> None:
-        index = call.get("index", position)
-        entry = self.tool_calls.setdefault(base + (index if isinstance(index, int) else position), ToolCall())
+    def _add_tool_call_delta(self, call: dict, key: tuple[int, int]) -> None:
+        entry = self.tool_calls.setdefault(key, ToolCall())
         if call.get("id"):
             entry.id = str(call["id"])
         # Function calls carry name and arguments; custom tool calls carry name and input.
         function = call.get("function") or call.get("custom")
         function = function if isinstance(function, dict) else {}
-        if function.get("name"):
-            entry.name = str(function["name"])
+        if isinstance(function.get("name"), str):
+            # Clients join name fragments the way they join arguments, so the policy must too.
+            entry.name += function["name"]
         for field_name in ("arguments", "input"):
             if isinstance(function.get(field_name), str):
                 entry.arguments += function[field_name]
@@ -202,8 +204,9 @@ class ModelOutput:
                 "length" if reason == "max_output_tokens" else str(reason or "incomplete")
             )
         self.content_parts = []
-        self.tool_calls = {}
-        for item in response.get("output") or []:
+        # Calls already seen in item events stay: a final object that leaves one out must
+        # not hide it from the policy.
+        for position, item in enumerate(response.get("output") or []):
             if not isinstance(item, dict):
                 continue
             if item.get("type") == "message":
@@ -211,7 +214,10 @@ class ModelOutput:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         self.content_parts.append(part["text"])
             elif item.get("type") in _RESPONSES_CALL_TYPES:
-                self.tool_calls[len(self.tool_calls)] = _call_from_item(item)
+                seen = _call_from_item(item)
+                call = self.tool_calls.setdefault((0, position), ToolCall())
+                call.id, call.name = seen.id or call.id, seen.name or call.name
+                call.arguments = seen.arguments or call.arguments
                 self.finish_reason = "tool_calls"
 
     # Stream events.
@@ -232,7 +238,7 @@ class ModelOutput:
         elif event_type in ("response.output_item.added", "response.output_item.done"):
             self._add_responses_item(event)
         elif event_type == "response.function_call_arguments.delta":
-            call = self.tool_calls.get(event.get("output_index"))
+            call = self.tool_calls.get((0, _index(event.get("output_index"), -1)))
             if call is not None and isinstance(event.get("delta"), str):
                 call.arguments += event["delta"]
         elif event_type in ("response.created", "response.in_progress"):
@@ -255,14 +261,10 @@ class ModelOutput:
         Calls are keyed by output index until ``response.completed`` replaces them all.
         """
         item = event.get("item")
-        index = event.get("output_index")
-        if (
-            not isinstance(item, dict)
-            or item.get("type") not in _RESPONSES_CALL_TYPES
-            or not isinstance(index, int)
-        ):
+        index = _index(event.get("output_index"), -1)
+        if not isinstance(item, dict) or item.get("type") not in _RESPONSES_CALL_TYPES or index < 0:
             return
-        call = self.tool_calls.setdefault(index, ToolCall())
+        call = self.tool_calls.setdefault((0, index), ToolCall())
         seen = _call_from_item(item)
         call.id = seen.id or call.id
         call.name = seen.name or call.name
@@ -270,7 +272,15 @@ class ModelOutput:
             call.arguments = seen.arguments
 
 
-CHOICE_STRIDE = 1000
+LEGACY_CALL_INDEX = -1
+MAX_INDEX = 1_000_000
+
+
+def _index(value, fallback: int) -> int:
+    """Return a list index sent by the provider, or ``fallback`` when it is not a sane one."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_INDEX:
+        return fallback
+    return value
 
 # Responses output items that call a tool: functions, custom tools and MCP server tools.
 _RESPONSES_CALL_TYPES = ("function_call", "custom_tool_call", "mcp_call")

@@ -616,3 +616,15 @@ def test_children_stop_when_up_is_killed(tmp_path):
         time.sleep(0.2)
 
     assert survivors() == []
+
+
+def test_vendor_credentials_not_forwarded(gateway, access):
+    gateway.provider.reset()
+    sent = {"x-goog-api-key": "g", "anthropic-api-key": "a", "x-auth-token": "t",
+            "true-client-ip": "203.0.113.9", "x-forwarded-port": "443", "via": "1.1 proxy"}
+
+    raw_post(access, headers=sent)
+
+    seen = gateway.provider.requests[-1]["headers"]
+    for name in sent:
+        assert name not in seen

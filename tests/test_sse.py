@@ -44,7 +44,8 @@ def test_custom_and_legacy_calls_are_seen():
     }}]})
 
     assert sorted(names(output)) == ["delete_database", "drop_table"]
-    assert output.as_input()["tool_calls"][0]["arguments"] == "x"
+    custom = next(call for call in output.as_input()["tool_calls"] if call["name"] == "drop_table")
+    assert custom["arguments"] == "x"
 
 
 def test_responses_tool_items_are_seen_early():
@@ -69,3 +70,54 @@ def test_reassembler_keeps_partial_event():
     assert first == []
     assert [e.json() for e in second] == [{"a": 1}]
     assert reassembler.pending == b""
+
+
+def test_events_split_on_every_line_ending():
+    reassembler = SseReassembler()
+
+    events = reassembler.feed(b'data: {"a": 1}\r\rdata: {"b": 2}\n\r\ndata: {"c": 3}\r\n\r\n')
+
+    assert [event.json() for event in events] == [{"a": 1}, {"b": 2}, {"c": 3}]
+
+
+def test_message_calls_with_same_index_both_kept():
+    output = ModelOutput("chat_completions")
+
+    output.add_body({"choices": [{"index": 0, "message": {"tool_calls": [
+        {"index": 0, "function": {"name": "drop_table", "arguments": "{}"}},
+        {"index": 0, "function": {"name": "search", "arguments": "{}"}},
+    ]}}]})
+
+    assert names(output) == ["drop_table", "search"]
+
+
+def test_call_index_cannot_reach_another_choice():
+    output = ModelOutput("chat_completions")
+
+    output.add_chat_chunk({"choices": [
+        {"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"name": "drop_table"}}]}},
+        {"index": 0, "delta": {"tool_calls": [{"index": 1000, "function": {"name": "search"}}]}},
+    ]})
+
+    assert sorted(names(output)) == ["drop_table", "search"]
+
+
+def test_name_fragments_are_joined():
+    output = ModelOutput("chat_completions")
+
+    for fragment in ("drop_", "table"):
+        output.add_chat_chunk({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"name": fragment}}]}}]})
+
+    assert names(output) == ["drop_table"]
+
+
+def test_final_response_keeps_calls_seen_earlier():
+    output = ModelOutput("responses")
+    output.add_responses_event({"type": "response.output_item.added", "output_index": 0,
+                                "item": {"type": "function_call", "call_id": "c1", "name": "drop_table"}})
+
+    output.add_responses_event({"type": "response.completed", "response": {
+        "status": "completed", "output": [{"type": "message", "content": [{"text": "hi"}]}]}})
+
+    assert names(output) == ["drop_table"]

@@ -228,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     # Writing traces can wait; the workers answering requests should not.
     os.nice(COLLECTOR_NICENESS)
+    # The embedded engine caches the trace schema in a __cache__ folder of the current
+    # directory, so the collector works from the home's run folder. Paths given on the
+    # command line are made absolute first.
+    if args.socket:
+        args.socket = str(Path(args.socket).resolve())
+    args.home = str(home_path(args.home))
+    work_dir = Path(args.home) / "run"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(work_dir)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
