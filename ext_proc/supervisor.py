@@ -1,7 +1,7 @@
 """``xenovia up``: run the trace collector, the ext_proc workers and Envoy in the foreground.
 
 Start order is collector, workers, Envoy, so that no request arrives before the service
-that governs it; stop order is the reverse, so that in-flight traces are flushed.
+that governs it. Stop order is the reverse, so that in-flight traces are flushed.
 """
 
 from __future__ import annotations

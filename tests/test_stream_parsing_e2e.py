@@ -1,4 +1,4 @@
-"""Stream events the way clients split them: line endings, unreadable data, a final [DONE]."""
+"""Stream events the way clients split them: line endings and unreadable data."""
 
 import json
 from pathlib import Path

@@ -226,7 +226,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    # Writing traces can wait; the workers answering requests should not.
+    # Writing traces can wait; the workers serving requests should not.
     os.nice(COLLECTOR_NICENESS)
     # The embedded engine caches the trace schema in a __cache__ folder of the current
     # directory, so the collector works from the home's run folder. Paths given on the
