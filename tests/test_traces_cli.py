@@ -232,3 +232,17 @@ def test_cli_reads_store_without_collector(tmp_path, capsys):
     code, output = run_cli(capsys, tmp_path, "list", "--limit", "100", "--json")
     assert code == EXIT_OK
     assert len(json_lines(output)) == len(ROWS)
+
+
+def test_missing_store_reported_not_created(tmp_path):
+    import subprocess
+    import sys
+
+    home = tmp_path / "typo"
+
+    result = subprocess.run([sys.executable, "-m", "ext_proc.cli", "--home", str(home), "traces", "list"],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert "no trace store" in result.stderr
+    assert not home.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,12 @@ from pathlib import Path
 import grpc
 
 from ext_proc.pb import trace_pb2, trace_pb2_grpc
-from ext_proc.traces import GRPC_OPTIONS, collector_socket_path
+from ext_proc.traces import (
+    CLICKHOUSE_URL_ENV,
+    GRPC_OPTIONS,
+    clickhouse_store_path,
+    collector_socket_path,
+)
 from ext_proc.traces.store import StoreError, TraceStore, json_value
 
 _PROBE_TIMEOUT_S = 1.0
@@ -88,6 +94,10 @@ def open_reader(home: Path, clickhouse_url: str | None = None) -> CollectorReade
         if reader.answers():
             return reader
         reader.close()
+    server_url = clickhouse_url or os.environ.get(CLICKHOUSE_URL_ENV)
+    if not server_url and not clickhouse_store_path(home).exists():
+        # Opening the embedded store would create an empty one in a mistyped home.
+        raise ReaderError(f"no trace store in {home}: check --home, or start the gateway there")
     return StoreReader(home, clickhouse_url)
 
 
