@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import uuid
 from collections.abc import Callable
 
 from ext_proc.traces import home_path
@@ -101,15 +100,9 @@ def _filters(args: argparse.Namespace) -> TraceFilters:
             raise ValueError(f"invalid --property {item!r}: expected KEY=VALUE")
         # Property names arrive as HTTP header names, which Envoy lower-cases.
         properties.append((key.lower(), value))
-    session = getattr(args, "session", None)
-    if session is not None:
-        try:
-            session = str(uuid.UUID(session))
-        except ValueError:
-            raise ValueError(f"invalid --session {session!r}: expected a UUID") from None
     since, until = getattr(args, "since", None), getattr(args, "until", None)
     return TraceFilters(
-        session=session,
+        session=getattr(args, "session", None),
         proxy=getattr(args, "proxy", None),
         properties=properties,
         model=getattr(args, "model", None),
