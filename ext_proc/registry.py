@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ext_proc import home as home_paths
-from ext_proc.upstream import Upstream, parse_upstream_url
+from ext_proc.upstream import Upstream, UpstreamError, parse_upstream_url
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ def _parse_proxy(proxy_id: str, raw: dict) -> Proxy:
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, RegistryError):
             raise
+        if isinstance(exc, UpstreamError):
+            raise RegistryError(f"proxy {proxy_id}: {exc}") from exc
         raise RegistryError(f"proxy {proxy_id}: invalid entry: {exc!r}") from exc
 
 
@@ -297,7 +299,9 @@ class RegistryEditor:
         entry = document.get("keys", {}).get(key_id)
         if entry is None:
             raise RegistryError(f"key {key_id!r} not found; see `xenovia key list`")
-        entry.setdefault("revoked_at", _now_iso())
+        if "revoked_at" in entry:
+            raise RegistryError(f"key {key_id!r} was already revoked at {entry['revoked_at']}")
+        entry["revoked_at"] = _now_iso()
         home_paths.write_json(home_paths.keys_file(self.home), document, mode=0o600)
 
     def list_keys(self) -> list[dict]:

@@ -180,6 +180,12 @@ class ResponseHandler(StreamBodies):
         except ValueError:
             document = None
         error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict) and error.get("type") == errors.GATEWAY_ERROR:
+            # Envoy's own reply (local_reply_config), after the request went upstream: the
+            # provider could not be reached.
+            document = None
+            body = str(error.get("message", "")).encode()
+            error = None
         if isinstance(error, dict):
             self.exchange.error_code = str(
                 error.get("code") or error.get("type") or "upstream_error"
@@ -195,6 +201,8 @@ class ResponseHandler(StreamBodies):
         else:
             source, error_type = "the upstream", errors.UPSTREAM
             code = errors.UPSTREAM_UNAVAILABLE if self.status >= 500 else "upstream_error"
+            if self.status in (502, 503, 504):
+                source = "the gateway could not reach the upstream and"
         self.exchange.error_code = code
         self.exchange.error_message = text
         message = f"{source} returned HTTP {self.status}" + (f": {text}" if text else "")
