@@ -292,25 +292,31 @@ def _request_keys(node: object) -> frozenset[str] | None:
     """
     keys: set[str] = set()
     bases = 0
+    uses = 0
+    for item in _ast_objects(node):
+        if _is_input_request(item):
+            uses += 1
+        for kind in ("RefDot", "RefBrack"):
+            ref = item.get(kind)
+            if isinstance(ref, dict) and _is_input_request(ref.get("refr")):
+                key = _ref_field(kind, ref)
+                if key is None:
+                    return None
+                keys.add(key)
+                bases += 1
+    return frozenset(keys) if uses == bases else None
+
+
+def _ast_objects(node: object):
+    """Yield every JSON object of an AST, depth first."""
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
             stack.extend(item)
-            continue
-        if not isinstance(item, dict):
-            continue
-        for kind, value in item.items():
-            if kind in ("RefDot", "RefBrack") and isinstance(value, dict):
-                if _is_input_request(value.get("refr")):
-                    key = _ref_field(kind, value)
-                    if key is None:
-                        return None
-                    keys.add(key)
-                    bases += 1
-            if isinstance(value, (dict, list)):
-                stack.append(value)
-    return frozenset(keys) if _count_input_request(node) == bases else None
+        elif isinstance(item, dict):
+            yield item
+            stack.extend(value for value in item.values() if isinstance(value, (dict, list)))
 
 
 def _is_input_request(node: object) -> bool:
@@ -318,20 +324,6 @@ def _is_input_request(node: object) -> bool:
         return False
     ref = node["RefDot"]
     return _is_input_var(ref.get("refr")) and _ref_field("RefDot", ref) == "request"
-
-
-def _count_input_request(node: object) -> int:
-    count = 0
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            if _is_input_request(item):
-                count += 1
-            stack.extend(v for v in item.values() if isinstance(v, (dict, list)))
-    return count
 
 
 def _is_input_var(node: object) -> bool:

@@ -29,9 +29,6 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
     org_id = proxy.org_id if proxy else ""
     if not org_id and exchange.key is not None:
         org_id = exchange.key.org_id
-    status = exchange.status
-    if not status and cancelled:
-        status = 499  # the client went away before any status was known
     trace = trace_pb2.Trace(
         trace_id=exchange.trace_id,
         start_unix_nano=exchange.start_ns,
@@ -58,7 +55,7 @@ def build_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
         latency_ms=latency_ms,
         overhead_ms=exchange.overhead_s * 1000,
         policy_ms=exchange.policy_ms,
-        status=status,
+        status=_status(exchange, cancelled),
         error_type=exchange.error_code,
         error_message=exchange.error_message[:1024],
         policy_outcome=exchange.policy_outcome,
@@ -99,11 +96,18 @@ def minimal_trace(exchange, cancelled: bool) -> trace_pb2.Trace:
         key_id=exchange.key.id if exchange.key else "",
         request_type=exchange.request_type,
         latency_ms=(time.perf_counter() - exchange.start) * 1000,
-        status=exchange.status if exchange.status else (499 if cancelled else 0),
+        status=_status(exchange, cancelled),
         error_type=exchange.error_code or "trace_incomplete",
         policy_outcome=exchange.policy_outcome,
         policy_rule_id=exchange.policy_rule_id,
     )
+
+
+def _status(exchange, cancelled: bool) -> int:
+    if exchange.status:
+        return exchange.status
+    # 499: the client went away before any status was known.
+    return 499 if cancelled else 0
 
 
 def _set_optional(trace, name: str, value) -> None:
