@@ -233,7 +233,7 @@ def _add_proxy_commands(commands) -> None:
     create.add_argument("--upstream-url", required=True,
                         help="provider base URL as an OpenAI client takes it, e.g. https://api.openai.com/v1")
     create.add_argument("--upstream-key-env",
-                        help="environment variable of the gateway that holds the provider credential")
+                        help="environment variable of the gateway that contains the provider credential")
     create.add_argument("--org", default="org_default", help="organisation id (default org_default)")
     create.add_argument("--environment", default="dev", help="environment label (default dev)")
     create.add_argument("--provider", default="openai", help="provider name recorded in traces")

@@ -3,8 +3,8 @@
 Envoy opens one gRPC stream per HTTP request and sends, as configured in envoy/:
 request headers, the buffered request body, response headers, then the response body
 (buffered, or streamed chunk by chunk for server-sent events). ``Exchange.handle`` replies
-to each message; ``Exchange.finish`` records the trace once, whatever way the exchange ended
-(answered, rejected, or cut off by Envoy resetting the stream).
+to each message. ``Exchange.finish`` records the trace once, however the exchange ended
+(completed, rejected, or cut off by Envoy resetting the stream).
 """
 
 from __future__ import annotations
@@ -290,8 +290,8 @@ class Exchange:
             mutation.set("authorization", f"Bearer {credential}")
         mutation.set(":path", upstream.target_path(route.rest) + route.query)
         mutation.set(":authority", upstream.authority)
-        # The route in envoy/ picks the TLS or plain-text upstream cluster from this header;
-        # the service always sets it, so a value sent by the client has no effect.
+        # The route in envoy/ picks the TLS or plain-text upstream cluster from this header.
+        # The service always sets it, so a value sent by the client has no effect.
         mutation.set("x-xenovia-upstream", upstream.scheme)
         mutation.clear_route_cache = True
         return msgs.request_headers_reply(mutation, {"trace_id": self.trace_id})
@@ -420,8 +420,8 @@ class Exchange:
     ) -> str:
         """Build the policy input document as JSON, with only the fields the policy reads.
 
-        ``request`` holds only the body keys the policy reads when it reads fixed keys;
-        otherwise it is the client's own JSON text spliced in, never re-encoded.
+        ``request`` contains only the body keys the policy reads when it reads fixed keys.
+        Otherwise it is the client's own JSON text spliced in, never re-encoded.
         """
         fields = self.fields or RequestFields()
         values = {

@@ -194,7 +194,7 @@ class ResponseHandler(StreamBodies):
             return msgs.response_body_reply()
         text = body.decode("utf-8", "replace").strip()[:300]
         if self.exchange.upstream_sent is None:
-            # Envoy answered before the request reached the provider (a body over the
+            # Envoy replied before the request reached the provider (a body over the
             # buffer limit gives 413), so this is not the provider's error.
             source, error_type = "the gateway", errors.INVALID_REQUEST
             code = errors.REQUEST_TOO_LARGE if self.status == 413 else errors.GATEWAY_ERROR

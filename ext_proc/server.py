@@ -26,7 +26,7 @@ from ext_proc.traces.exporter import TraceExporter
 logger = logging.getLogger(__name__)
 
 # Bodies reach the service whole (buffered), so the gRPC receive limit must exceed the
-# largest request Envoy buffers (envoy/ sets 32 MiB); grpc's 4 MiB default would fail
+# largest request Envoy buffers (envoy/ sets 32 MiB). grpc's 4 MiB default would fail
 # large requests with a 500.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 5.0

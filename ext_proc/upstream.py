@@ -163,7 +163,7 @@ def _resolve_and_check(host: str, port: int) -> str | None:
     try:
         answers = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except OSError:
-        # Envoy reports the failed lookup itself, as a 503 the client sees.
+        # Envoy reports the failed lookup itself, as a 503 to the client.
         return None
     for *_, sockaddr in answers:
         try:

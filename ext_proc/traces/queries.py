@@ -36,7 +36,7 @@ BLOCK_OUTCOMES = ("block", "block_response")
 
 
 class ReaderError(Exception):
-    """A trace query failed; the message says why."""
+    """A trace query failed; the message gives the reason."""
 
 
 class CollectorReader:
@@ -87,7 +87,7 @@ class StoreReader:
 
 
 def open_reader(home: Path, clickhouse_url: str | None = None) -> CollectorReader | StoreReader:
-    """Return a reader through the collector when it answers, else on the store itself."""
+    """Return a reader through the collector when it responds, else on the store itself."""
     socket_path = collector_socket_path(home)
     if socket_path.exists():
         reader = CollectorReader(socket_path)
