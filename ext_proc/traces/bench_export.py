@@ -7,7 +7,10 @@ Measures, on the embedded chDB store in a temporary home folder:
    each batch, overlapped with the ProtobufList insert of the previous one) in trace rows
    per second;
 3. end to end: exporters in this process send over the Unix socket to a collector
-   subprocess, timed until the collector reports every trace written.
+   subprocess, timed until the collector reports every trace written;
+4. with ``--rate R --seconds S``: exporters submit R traces per second for S seconds, as
+   a gateway's workers do, and the collector's CPU time (user + system, from
+   /proc/PID/stat) is reported per trace.
 
 Each trace carries a 600-byte message body, one custom property and two steps.
 """
@@ -113,27 +116,66 @@ def bench_write_path(home: Path, traces: list[trace_pb2.Trace], batch_size: int)
 
 
 def bench_end_to_end(home: Path, traces: list[trace_pb2.Trace], exporters: int) -> float:
-    env = {key: value for key, value in os.environ.items() if key != "RUST_BACKTRACE"}
-    env.pop("XENOVIA_CLICKHOUSE_URL", None)
-    command = [sys.executable, "-m", "ext_proc.traces.collector", "--home", str(home)]
-    log = open(home / "collector.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    socket_path = collector_socket_path(home)
-    channel = grpc.insecure_channel(f"unix:{socket_path}")
-    stub = trace_pb2_grpc.TraceCollectorStub(channel)
-    try:
-        _wait_for_collector(stub)
+    with _Collector(home) as collector:
         started = time.perf_counter()
-        asyncio.run(_send_all(socket_path, traces, exporters))
-        while stub.Stats(trace_pb2.StatsRequest()).written < len(traces):
-            time.sleep(0.01)
+        asyncio.run(_send_all(collector.socket_path, traces, exporters))
+        collector.wait_written(len(traces))
         elapsed = time.perf_counter() - started
-    finally:
-        channel.close()
-        process.terminate()
-        process.wait(60)
-        log.close()
     return len(traces) / elapsed
+
+
+def bench_steady_rate(
+    home: Path, traces: list[trace_pb2.Trace], exporters: int, rate: float
+) -> tuple[float, int]:
+    """Submit ``traces`` at ``rate`` per second; return collector CPU us per trace, traces."""
+    with _Collector(home) as collector:
+        cpu_before = collector.cpu_seconds()
+        asyncio.run(_send_at_rate(collector.socket_path, traces, exporters, rate))
+        collector.wait_written(len(traces))
+        cpu = collector.cpu_seconds() - cpu_before
+    return cpu / len(traces) * 1e6, len(traces)
+
+
+class _Collector:
+    """A collector subprocess on ``home`` with a client for its Stats."""
+
+    def __init__(self, home: Path) -> None:
+        env = {key: value for key, value in os.environ.items() if key != "RUST_BACKTRACE"}
+        env.pop("XENOVIA_CLICKHOUSE_URL", None)
+        self.command = [sys.executable, "-m", "ext_proc.traces.collector", "--home", str(home)]
+        self.env = env
+        self.log_path = home / "collector.log"
+        self.socket_path = collector_socket_path(home)
+
+    def __enter__(self) -> _Collector:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.channel = grpc.insecure_channel(f"unix:{self.socket_path}")
+        self.stub = trace_pb2_grpc.TraceCollectorStub(self.channel)
+        try:
+            _wait_for_collector(self.stub)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.channel.close()
+        self.process.terminate()
+        self.process.wait(60)
+
+    def wait_written(self, count: int) -> None:
+        while self.stub.Stats(trace_pb2.StatsRequest()).written < count:
+            time.sleep(0.01)
+
+    def cpu_seconds(self) -> float:
+        # Fields 14 and 15 of /proc/PID/stat (after the parenthesised command name) are
+        # user and system time in clock ticks, summed over all threads.
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _send_all(socket_path: Path, traces: list[trace_pb2.Trace], count: int) -> None:
@@ -144,6 +186,24 @@ async def _send_all(socket_path: Path, traces: list[trace_pb2.Trace], count: int
         exporters[index % count].submit(trace)
         if index % 1000 == 999:
             await asyncio.sleep(0)  # let the flush tasks run, as a worker's loop would
+    await asyncio.gather(*(exporter.shutdown(deadline_s=120) for exporter in exporters))
+
+
+async def _send_at_rate(
+    socket_path: Path, traces: list[trace_pb2.Trace], count: int, rate: float
+) -> None:
+    # Default exporter settings, as the gateway's workers use them.
+    exporters = [TraceExporter(socket_path) for _ in range(count)]
+    for exporter in exporters:
+        exporter.start()
+    started = time.perf_counter()
+    sent = 0
+    while sent < len(traces):
+        due = min(len(traces), int((time.perf_counter() - started) * rate) + 1)
+        for index in range(sent, due):
+            exporters[index % count].submit(traces[index])
+        sent = due
+        await asyncio.sleep(0.002)
     await asyncio.gather(*(exporter.shutdown(deadline_s=120) for exporter in exporters))
 
 
@@ -169,8 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         help="traces per insert (default: the collector's)",
     )
     parser.add_argument("--exporters", type=int, default=2, help="exporters sending end to end")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="instead, submit this many traces per second and report the collector's CPU",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of --rate")
     args = parser.parse_args(argv)
 
+    if args.rate:
+        return _main_rate(args)
     traces = sample_traces(args.traces)
     print(f"traces per run: {args.traces} (2 steps each, {len(_MESSAGE)}-byte message)")
     print(f"submit(): {bench_submit(traces):.3f} us per call")
@@ -185,6 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"end to end, {args.exporters} exporters -> collector: {rate:,.0f} trace rows/s"
         f" ({3 * rate:,.0f} rows/s with steps)"
+    )
+    return 0
+
+
+def _main_rate(args: argparse.Namespace) -> int:
+    traces = sample_traces(max(1, int(args.rate * args.seconds)))
+    with tempfile.TemporaryDirectory() as home:
+        cpu_us, count = bench_steady_rate(Path(home), traces, args.exporters, args.rate)
+    print(
+        f"steady {args.rate:,.0f} traces/s for {args.seconds:g} s, {args.exporters} exporters:"
+        f" collector CPU {cpu_us:,.0f} us per trace ({count} traces)"
     )
     return 0
 

@@ -70,6 +70,19 @@ def format_schema_settings() -> dict[str, str]:
     }
 
 
+def settings_clause(settings: dict[str, str | int]) -> str:
+    """Return ``SETTINGS name = value, ...`` for an INSERT.
+
+    Settings written into the statement cost nothing extra. Passed to clickhouse-connect
+    instead, they make its chDB client run a SET before and after the query for each one.
+    """
+    items = (
+        f"{name} = {value if isinstance(value, int) else format_str(value)}"
+        for name, value in settings.items()
+    )
+    return "SETTINGS " + ", ".join(items)
+
+
 def schema_text() -> str:
     """Return the .proto text of Step and Trace, written from the compiled descriptors.
 
@@ -131,10 +144,11 @@ def _cost(batch: EncodedBatch) -> str:
     )
 
 
-def traces_select(batch: EncodedBatch, source: str) -> str:
+def traces_select(batch: EncodedBatch, source: str, settings: str = "") -> str:
     """Return ``INSERT INTO traces SELECT ...`` reading the batch from ``source``.
 
-    ``source`` is ``file_source`` or ``input_source`` of ``TRACE_STRUCTURE``.
+    ``source`` is ``file_source`` or ``input_source`` of ``TRACE_STRUCTURE``; ``settings``
+    is empty or a ``settings_clause``.
     """
     expressions = {name: name for name in TRACE_COLUMNS}
     expressions.update(
@@ -152,17 +166,18 @@ def traces_select(batch: EncodedBatch, source: str) -> str:
     )
     selected = ", ".join(expressions[name] for name in TRACE_COLUMNS)
     return (
-        f"INSERT INTO traces ({', '.join(TRACE_COLUMNS)})"
+        f"INSERT INTO traces ({', '.join(TRACE_COLUMNS)}) {settings}"
         f" SELECT {selected} FROM (SELECT *, {_MODE} AS _mode,"
         f" if(body_limit = 0, {batch.default_body_limit}, body_limit) AS _limit,"
         f" {_cost(batch)} AS _cost FROM {source})"
     )
 
 
-def steps_select(batch: EncodedBatch, source: str) -> str:
+def steps_select(batch: EncodedBatch, source: str, settings: str = "") -> str:
     """Return ``INSERT INTO trace_steps SELECT ...`` reading the batch from ``source``.
 
-    ``source`` is ``file_source`` or ``input_source`` of ``STEP_STRUCTURE``.
+    ``source`` is ``file_source`` or ``input_source`` of ``STEP_STRUCTURE``; ``settings``
+    is empty or a ``settings_clause``.
     """
 
     def step(field: str) -> str:
@@ -182,7 +197,7 @@ def steps_select(batch: EncodedBatch, source: str) -> str:
     )
     selected = ", ".join(expressions[name] for name in STEP_COLUMNS)
     return (
-        f"INSERT INTO trace_steps ({', '.join(STEP_COLUMNS)})"
+        f"INSERT INTO trace_steps ({', '.join(STEP_COLUMNS)}) {settings}"
         f" SELECT {selected} FROM (SELECT trace_id, proxy_id, start_unix_nano, steps,"
         f" {_MODE} AS _mode, if(body_limit = 0, {batch.default_body_limit}, body_limit) AS _limit"
         f" FROM {source}) ARRAY JOIN steps AS _step"

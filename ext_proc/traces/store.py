@@ -89,35 +89,35 @@ class TraceStore:
             path = Path(payload.name)
             if batch.trace_count:
                 source = insert_sql.file_source(path, insert_sql.TRACE_STRUCTURE)
-                self._run_insert(insert_sql.traces_select(batch, source), f"{token}-traces")
+                settings = self._settings(f"{token}-traces")
+                self.client.command(insert_sql.traces_select(batch, source, settings))
             if batch.step_count:
                 source = insert_sql.file_source(path, insert_sql.STEP_STRUCTURE)
-                self._run_insert(insert_sql.steps_select(batch, source), f"{token}-steps")
+                settings = self._settings(f"{token}-steps")
+                self.client.command(insert_sql.steps_select(batch, source, settings))
 
     def _insert_from_body(self, batch: EncodedBatch, token: str) -> None:
         # NOTE: format_schema_source needs a server of version 25.x or later (chDB 26.9 has
         # it). Only the embedded path is run by the tests.
         if batch.trace_count:
             source = insert_sql.input_source(insert_sql.TRACE_STRUCTURE)
-            sql = insert_sql.traces_select(batch, source)
-            self._run_insert(sql, f"{token}-traces", batch.payload)
+            sql = insert_sql.traces_select(batch, source, self._settings(f"{token}-traces"))
+            self.client.command(f"{sql} FORMAT ProtobufList", data=batch.payload)
         if batch.step_count:
             source = insert_sql.input_source(insert_sql.STEP_STRUCTURE)
-            sql = insert_sql.steps_select(batch, source)
-            self._run_insert(sql, f"{token}-steps", batch.payload)
+            sql = insert_sql.steps_select(batch, source, self._settings(f"{token}-steps"))
+            self.client.command(f"{sql} FORMAT ProtobufList", data=batch.payload)
 
-    def _run_insert(self, sql: str, token: str, data: bytes | None = None) -> None:
-        settings = {
-            **self._format_settings,
-            "insert_deduplication_token": token,
-            # Synchronous distributed inserts carry the token to the shards of a cluster
-            # (deploy/clickhouse/cluster.sql); plain tables ignore the setting.
-            "insert_distributed_sync": 1,
-        }
-        if data is None:
-            self.client.command(sql, settings=settings)
-        else:
-            self.client.command(f"{sql} FORMAT ProtobufList", data=data, settings=settings)
+    def _settings(self, token: str) -> str:
+        return insert_sql.settings_clause(
+            {
+                **self._format_settings,
+                "insert_deduplication_token": token,
+                # Synchronous distributed inserts carry the token to the shards of a
+                # cluster (deploy/clickhouse/cluster.sql); plain tables ignore the setting.
+                "insert_distributed_sync": 1,
+            }
+        )
 
     def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:
         """Run ``sql`` read-only with server-side bound ``parameters``."""
