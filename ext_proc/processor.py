@@ -90,6 +90,8 @@ class Exchange:
 
         self.body_text = ""
         self.body: dict | None = None
+        # The body before request redaction, when redaction changed it.
+        self.client_body: dict | None = None
         self.fields: RequestFields | None = None
         self.stream_usage_injected = False
 
@@ -353,6 +355,9 @@ class Exchange:
         if not decision.redact_fields:
             return False
         counts = {}
+        # The client keeps its own, unredacted copy of the history and resends it, so the
+        # session links of this answer are computed from the body as the client sent it.
+        client_body = dict(self.body)
         for name in ("messages", "input", "instructions", "prompt"):
             if name in self.body:
                 self.body[name], found = redaction.redact_json_strings(self.body[name], decision.redact_fields)
@@ -363,6 +368,7 @@ class Exchange:
             return False
         self.policy_outcome = "redact"
         self.redacted_kinds |= found_kinds
+        self.client_body = client_body
         self.fields = openai_api.extract_fields(self.request_type, self.body)
         return True
 
@@ -492,7 +498,7 @@ class Exchange:
             proxy_id=self.proxy.id,
             session_id=self.session_id,
             request_type=self.request_type,
-            body=self.body,
+            body=self.client_body if self.client_body is not None else self.body,
             response_id=output.response_id or None,
             assistant_message=output.assistant_message(),
         )

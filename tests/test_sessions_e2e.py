@@ -170,3 +170,34 @@ def test_policy_input_carries_resolved_session(gateway, tmp_path):
 
     with pytest.raises(openai.PermissionDeniedError):
         converse(client, 3)
+
+
+def test_redacted_history_still_joins_turns(gateway, tmp_path):
+    # The provider sees the redacted history, but the client resends its own copy, so the
+    # answer must be linked to the history as the client sent it.
+    access = gateway.new_proxy("session-redact")
+    policy = tmp_path / "redact_email.rego"
+    policy.write_text('package xenovia.policy\n\nredact_fields := {"email"}\n')
+    assert gateway.attach(access.proxy_id, "request", policy).returncode == 0
+    client = OpenAI(api_key=access.key, base_url=access.base_url, max_retries=0)
+
+    sessions, traces = converse_with_email(client)
+
+    assert len(set(sessions)) == 1
+    assert turns_of(gateway, traces) == [1, 2, 3]
+    trace = wait_for_trace(gateway.home, traces[2])
+    assert trace["session_source"] == "fingerprint"
+    assert trace["policy_outcome"] == "redact"
+
+
+def converse_with_email(client: OpenAI) -> tuple[list[str], list[str]]:
+    messages = [{"role": "system", "content": "You are terse."}]
+    sessions, traces = [], []
+    for turn in range(3):
+        content = f"Question {turn} {uuid.uuid4()}, reply to jane.doe{turn}@example.com"
+        messages.append({"role": "user", "content": content})
+        session, trace, completion = chat(client, messages)
+        messages.append({"role": "assistant", "content": completion.choices[0].message.content})
+        sessions.append(session)
+        traces.append(trace)
+    return sessions, traces
