@@ -294,6 +294,20 @@ def phase_section(results) -> list[str]:
                 "run ended; `stream none` is a cut-off stream whose mode was never decided."
             ),
         ]
+    if results.handler_costs:
+        lines += [
+            "",
+            (
+                "The same handlers timed alone, message by message, on an idle loop "
+                "(`bench/handler_cost.py`: one plain call at a time, no gRPC, no Envoy; "
+                "`trace` is building and queueing the trace when the stream ends):"
+            ),
+            "",
+        ]
+        lines += _table(
+            ["Message", "p50 us", "p99 us"],
+            [[c.phase, _fmt(c.p50_us, 0), _fmt(c.p99_us, 0)] for c in results.handler_costs],
+        )
     return lines
 
 

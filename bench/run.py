@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import policy_eval, report, ttft
+from bench import handler_cost, policy_eval, report, ttft
 from bench.load import LoadResult, Request, run_wrk
 from bench.processes import REPO_ROOT, child_environment, cpu_seconds, resident_kib
 from bench.targets import (
@@ -58,6 +58,7 @@ class Results:
     trace_stats: TraceStats | None = None
     policy_timings: list[policy_eval.EvalTiming] = field(default_factory=list)
     export_lines: list[str] = field(default_factory=list)
+    handler_costs: list[handler_cost.PhaseCost] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     # Other programs on the machine share its cores, so the report shows how busy it was.
     load_average_before: tuple[float, float, float] = field(default_factory=os.getloadavg)
@@ -128,6 +129,7 @@ class Bench:
             mock.stop()
         self.results.export_lines = run_export_bench()
         self.results.policy_timings = policy_eval.measure_all()
+        self.results.handler_costs = handler_cost.measure()
         self.results.load_average_after = os.getloadavg()
         return self.results
 

@@ -186,7 +186,7 @@ class NoopTarget:
         self.service.stop()
 
 
-def _run_cli(home: Path, *args: str) -> str:
+def run_cli(home: Path, *args: str) -> str:
     completed = subprocess.run(
         [sys.executable, "-m", "ext_proc.cli", "--home", str(home), *args],
         check=False,
@@ -221,7 +221,7 @@ class GatewayTarget:
             "bench-live", provider_url, "--stream-policy-mode", "live"
         )
         self.open_proxy_id = self._create_proxy("bench-open", provider_url, stages=("request",))
-        self.key = _run_cli(
+        self.key = run_cli(
             home, "key", "create", "--proxy", self.proxy_id, "--proxy", self.live_proxy_id,
             "--proxy", self.open_proxy_id,
         )
@@ -252,7 +252,7 @@ class GatewayTarget:
     def _create_proxy(
         self, name: str, provider_url: str, *options: str, stages=("request", "response")
     ) -> str:
-        proxy_id = _run_cli(
+        proxy_id = run_cli(
             self.home,
             "proxy",
             "create",
@@ -267,7 +267,7 @@ class GatewayTarget:
         for stage, path in (("request", REQUEST_POLICY), ("response", RESPONSE_POLICY)):
             if stage not in stages:
                 continue
-            _run_cli(
+            run_cli(
                 self.home, "policy", "attach", "--proxy", proxy_id, "--stage", stage, str(path)
             )
         return proxy_id
