@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ext_proc.pb import trace_pb2, trace_pb2_grpc
 from ext_proc.redaction import REDACTION_KINDS
@@ -30,7 +31,7 @@ from ext_proc.traces import (
     spool_path,
 )
 from ext_proc.traces.cost import PriceTable
-from ext_proc.traces.rows import DEFAULT_BODY_LIMIT, RowBuilder
+from ext_proc.traces.rows import DEFAULT_BODY_LIMIT, RowBuilder, TraceChunk
 from ext_proc.traces.schema import Retention
 from ext_proc.traces.scrub import Scrubber
 from ext_proc.traces.spool import DEFAULT_SPOOL_LIMIT_BYTES, Spool
@@ -62,16 +63,28 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
         while len(self._recent_ids) > RECENT_TRACE_IDS:
             self._recent_ids.popitem(last=False)
 
-    async def Export(self, request, context):
-        traces = [trace for trace in request.traces if trace.trace_id not in self._recent_ids]
+    async def Export(self, payload: bytes, context):
+        # Export is registered without a request parser (see _handler), so the bytes the
+        # exporter sent can be written as they are.
         try:
-            self.writer.submit(traces)
-        except PendingFull:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "trace collector backlog is full; retry later"
-            )
-        self._remember(traces)
-        return trace_pb2.ExportResponse(accepted=len(request.traces))
+            traces = trace_pb2.ExportRequest.FromString(payload).traces
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an ExportRequest")
+        fresh = [trace for trace in traces if trace.trace_id not in self._recent_ids]
+        if len(fresh) == len(traces):
+            chunk = TraceChunk.received(payload, traces)
+        else:
+            chunk = TraceChunk.encode(fresh)
+        if fresh:
+            try:
+                self.writer.submit_chunks([chunk])
+            except PendingFull:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "trace collector backlog is full; retry later",
+                )
+            self._remember(fresh)
+        return trace_pb2.ExportResponse(accepted=len(traces))
 
     async def Query(self, request, context):
         sql, parameters = request.sql, dict(request.parameters)
@@ -140,9 +153,7 @@ async def serve_collector(
         logger.error("trace store unavailable at start, spooling until it returns: %s", exc)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    trace_pb2_grpc.add_TraceCollectorServicer_to_server(
-        TraceCollectorService(writer, spool), server
-    )
+    server.add_generic_rpc_handlers((_handler(TraceCollectorService(writer, spool)),))
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     logger.info("trace collector listening on %s (spool %d batches)", socket_path, len(spool))
@@ -155,6 +166,27 @@ async def serve_collector(
         await server.stop(grace=1.0)
         await asyncio.to_thread(writer.stop, shutdown_deadline_s)
         socket_path.unlink(missing_ok=True)
+
+
+def _handler(service: TraceCollectorService) -> grpc.GenericRpcHandler:
+    # As the generated add_TraceCollectorServicer_to_server, except that Export gets the
+    # request's bytes.
+    def unary(method, request_type=None):
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=request_type.FromString if request_type else None,
+            response_serializer=lambda response: response.SerializeToString(),
+        )
+
+    name = trace_pb2.DESCRIPTOR.services_by_name["TraceCollector"].full_name
+    return grpc.method_handlers_generic_handler(
+        name,
+        {
+            "Export": unary(service.Export),
+            "Query": unary(service.Query, trace_pb2.QueryRequest),
+            "Stats": unary(service.Stats, trace_pb2.StatsRequest),
+        },
+    )
 
 
 def _claim_socket(socket_path: Path) -> None:

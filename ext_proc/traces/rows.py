@@ -9,6 +9,7 @@ from the prices this module resolves per batch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf.internal.encoder import _VarintBytes
@@ -57,6 +58,35 @@ _STEP_STRINGS = tuple(
 _TRACES_TAG = b"\x0a"
 
 
+@dataclass(frozen=True)
+class TraceChunk:
+    """Traces as the bytes of an ExportRequest, with what a batch needs to know of them.
+
+    The collector keeps the bytes an exporter sent and passes them on to ClickHouse
+    unchanged unless the scrubber's byte check finds something to remove.
+    """
+
+    payload: bytes
+    trace_count: int
+    step_count: int
+    models: frozenset[str]
+
+    @classmethod
+    def received(cls, payload: bytes, traces: Sequence[trace_pb2.Trace]) -> TraceChunk:
+        """Describe ``payload``, whose parsed traces are ``traces``."""
+        return cls(
+            payload=payload,
+            trace_count=len(traces),
+            step_count=sum(len(trace.steps) for trace in traces),
+            models=frozenset(trace.model_served or trace.model for trace in traces),
+        )
+
+    @classmethod
+    def encode(cls, traces: Sequence[trace_pb2.Trace]) -> TraceChunk:
+        # Serializing each trace is faster than building an ExportRequest, which copies them.
+        return cls.received(_envelope([trace.SerializeToString() for trace in traces]), traces)
+
+
 @dataclass
 class EncodedBatch:
     """One batch as a ProtobufList payload, with the prices of the models it names."""
@@ -80,24 +110,19 @@ class RowBuilder:
         self.scrubber = scrubber
         self.default_body_limit = default_body_limit or DEFAULT_BODY_LIMIT
 
-    def build(self, traces: list[trace_pb2.Trace]) -> EncodedBatch:
-        # Serializing each trace is faster than building an ExportRequest, which copies them.
-        encoded = [trace.SerializeToString() for trace in traces]
-        payload = _envelope(encoded)
-        # One scan over the whole batch decides; most batches hold nothing to remove.
-        if self.scrubber.might_change_bytes(payload):
-            traces = list(traces)
-            for index, data in enumerate(encoded):
-                if self.scrubber.might_change_bytes(data):
-                    traces[index] = self._scrubbed(traces[index])
-                    encoded[index] = traces[index].SerializeToString()
-            payload = _envelope(encoded)
-        names, inputs, outputs, cached = self._prices(traces)
+    def build(self, traces: Sequence[trace_pb2.Trace]) -> EncodedBatch:
+        return self.build_chunks([TraceChunk.encode(traces)])
+
+    def build_chunks(self, chunks: Sequence[TraceChunk]) -> EncodedBatch:
+        payload = b"".join(self._scrubbed_payload(chunk) for chunk in chunks)
+        names, inputs, outputs, cached = self._prices(
+            frozenset().union(*(chunk.models for chunk in chunks))
+        )
         return EncodedBatch(
             # ClickHouse reads a ProtobufList envelope with a length prefix.
             payload=_VarintBytes(len(payload)) + payload,
-            trace_count=len(traces),
-            step_count=sum(len(trace.steps) for trace in traces),
+            trace_count=sum(chunk.trace_count for chunk in chunks),
+            step_count=sum(chunk.step_count for chunk in chunks),
             default_body_limit=self.default_body_limit,
             price_version=self.prices.version,
             price_names=names,
@@ -106,14 +131,23 @@ class RowBuilder:
             price_cached=cached,
         )
 
+    def _scrubbed_payload(self, chunk: TraceChunk) -> bytes:
+        # One scan over the whole chunk decides; most chunks hold nothing to remove.
+        if not self.scrubber.might_change_bytes(chunk.payload):
+            return chunk.payload
+        encoded = []
+        for trace in trace_pb2.ExportRequest.FromString(chunk.payload).traces:
+            data = trace.SerializeToString()
+            if self.scrubber.might_change_bytes(data):
+                data = self._scrubbed(trace).SerializeToString()
+            encoded.append(data)
+        return _envelope(encoded)
+
     def _scrubbed(self, trace: trace_pb2.Trace) -> trace_pb2.Trace:
-        # A copy, so the caller's message (kept for the spool) is left as it came.
-        copy = trace_pb2.Trace()
-        copy.CopyFrom(trace)
-        self._scrub_fields(copy, _TRACE_STRINGS, "custom_properties")
-        for step in copy.steps:
+        self._scrub_fields(trace, _TRACE_STRINGS, "custom_properties")
+        for step in trace.steps:
             self._scrub_fields(step, _STEP_STRINGS, "attributes")
-        return copy
+        return trace
 
     def _scrub_fields(self, message, string_fields: tuple, map_field: str) -> None:
         scrub = self.scrubber.scrub
@@ -127,9 +161,9 @@ class RowBuilder:
             entries.clear()
             entries.update(scrubbed)
 
-    def _prices(self, traces: list[trace_pb2.Trace]) -> tuple[list, list, list, list]:
+    def _prices(self, models: frozenset[str]) -> tuple[list, list, list, list]:
         names, inputs, outputs, cached = [], [], [], []
-        for name in {trace.model_served or trace.model for trace in traces}:
+        for name in models:
             price = self.prices.lookup(name)
             if price is None:
                 continue

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from ext_proc.pb import trace_pb2
-from ext_proc.traces.rows import RowBuilder
+from ext_proc.traces.rows import RowBuilder, TraceChunk
 from ext_proc.traces.spool import Spool, SpoolCorrupt
 from ext_proc.traces.store import StoreError, TraceStore
 
@@ -52,9 +52,10 @@ class WriterSettings:
     # bench_export --traces 200000 on a shared 2-core machine wrote 37,000 traces/s with
     # batches of 5000 and 45,000 with 10,000.
     batch_size: int = 10_000
-    # Each insert costs the embedded engine a new part to merge later, so traces are
-    # batched for up to a second rather than written as they come.
-    flush_interval_s: float = 1.0
+    # An insert costs the embedded engine about 25 ms of CPU whatever its size, and a new
+    # part to merge later, so traces are batched for up to two seconds rather than
+    # written as they come.
+    flush_interval_s: float = 2.0
     max_pending: int = 100_000
     retry_min_s: float = 0.2
     retry_max_s: float = 10.0
@@ -80,9 +81,10 @@ class TraceWriter:
         self.settings = settings
         self.counters = WriterCounters()
         self._store: TraceStore | None = None
-        self._pending: deque[trace_pb2.Trace] = deque()
+        self._pending: deque[TraceChunk] = deque()
+        self._pending_count = 0
         # The batch taken from _pending ahead of its turn, with its build in progress.
-        self._next: tuple[list[trace_pb2.Trace], concurrent.futures.Future] | None = None
+        self._next: tuple[list[TraceChunk], concurrent.futures.Future] | None = None
         self._build_executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="trace-builder"
         )
@@ -101,15 +103,26 @@ class TraceWriter:
 
     def submit(self, traces: Sequence[trace_pb2.Trace]) -> None:
         """Queue traces for writing; raise PendingFull when the backlog has no room."""
+        size = self.settings.batch_size
+        chunks = [
+            TraceChunk.encode(traces[start : start + size])
+            for start in range(0, len(traces), size)
+        ]
+        self.submit_chunks(chunks)
+
+    def submit_chunks(self, chunks: Sequence[TraceChunk]) -> None:
+        """Queue encoded traces for writing; raise PendingFull when the backlog has no room."""
+        count = sum(chunk.trace_count for chunk in chunks)
         with self._condition:
-            if self._stopping or len(self._pending) + len(traces) > self.settings.max_pending:
+            if self._stopping or self._pending_count + count > self.settings.max_pending:
                 raise PendingFull
             if not self._pending:
                 self._oldest_pending_at = time.monotonic()
-            self._pending.extend(traces)
-            self.counters.queued += len(traces)
-            self.counters.pending = len(self._pending)
-            if len(self._pending) >= self.settings.batch_size:
+            self._pending.extend(chunks)
+            self._pending_count += count
+            self.counters.queued += count
+            self.counters.pending = self._pending_count
+            if self._pending_count >= self.settings.batch_size:
                 self._condition.notify()
 
     def call(self, function: Callable[[TraceStore], object]) -> concurrent.futures.Future:
@@ -150,13 +163,13 @@ class TraceWriter:
             self._store.close()
         logger.info("trace writer stopped: %s", asdict(self.counters))
 
-    def _wait_for_work(self) -> tuple[list, list[trace_pb2.Trace], bool]:
+    def _wait_for_work(self) -> tuple[list, list[TraceChunk], bool]:
         settings = self.settings
         with self._condition:
             while True:
                 now = time.monotonic()
                 due = bool(self._pending) and (
-                    len(self._pending) >= settings.batch_size
+                    self._pending_count >= settings.batch_size
                     or now - self._oldest_pending_at >= settings.flush_interval_s
                     or self._stopping
                 )
@@ -175,10 +188,7 @@ class TraceWriter:
             if self._next is not None:
                 batch = self._next[0]
             elif due:
-                count = min(len(self._pending), settings.batch_size)
-                batch = [self._pending.popleft() for _ in range(count)]
-                self._oldest_pending_at = time.monotonic()
-            self.counters.pending = len(self._pending)
+                batch = self._take_batch()
             finished = self._stopping and not self._pending
             if finished and self.spool.oldest() is not None and not self._past_deadline():
                 # Give replay a chance before closing when the store is back.
@@ -210,7 +220,20 @@ class TraceWriter:
             logger.info("trace store opened: %s", self._store.description)
         return self._store
 
-    def _write_or_spool(self, batch: list[trace_pb2.Trace]) -> None:
+    def _take_batch(self) -> list[TraceChunk]:
+        # Whole chunks up to batch_size traces; a chunk is never split, so a batch can
+        # hold up to one chunk more.
+        batch, count = [], 0
+        while self._pending and count < self.settings.batch_size:
+            chunk = self._pending.popleft()
+            batch.append(chunk)
+            count += chunk.trace_count
+        self._pending_count -= count
+        self.counters.pending = self._pending_count
+        self._oldest_pending_at = time.monotonic()
+        return batch
+
+    def _write_or_spool(self, batch: list[TraceChunk]) -> None:
         token = uuid.uuid4().hex
         prebuilt = None
         if self._next is not None and self._next[0] is batch:
@@ -220,23 +243,23 @@ class TraceWriter:
         if store_usable and not (self._stopping and self._past_deadline()):
             try:
                 self._insert(batch, token, prebuilt, build_next=True)
-                self.counters.written += len(batch)
+                self.counters.written += _count(batch)
                 self._retry_delay = self.settings.retry_min_s
                 return
             except StoreError as exc:
                 self.counters.failed_batches += 1
-                self._note_failure(exc, len(batch))
+                self._note_failure(exc, _count(batch))
         self._spool(batch, token)
 
     def _insert(
         self,
-        traces: Sequence[trace_pb2.Trace],
+        chunks: list[TraceChunk],
         token: str,
         prebuilt: concurrent.futures.Future | None = None,
         build_next: bool = False,
     ) -> None:
         store = self._ensure_store()
-        batch = prebuilt.result() if prebuilt is not None else self.builder.build(list(traces))
+        batch = prebuilt.result() if prebuilt is not None else self.builder.build_chunks(chunks)
         if build_next:
             self._build_next_batch()
         store.insert(batch, token)
@@ -244,30 +267,29 @@ class TraceWriter:
     def _build_next_batch(self) -> None:
         # Only a full batch is taken early: a partial one waits for flush_interval_s.
         with self._condition:
-            if self._next is not None or len(self._pending) < self.settings.batch_size:
+            if self._next is not None or self._pending_count < self.settings.batch_size:
                 return
-            batch = [self._pending.popleft() for _ in range(self.settings.batch_size)]
-            self._oldest_pending_at = time.monotonic()
-            self.counters.pending = len(self._pending)
-            self._next = (batch, self._build_executor.submit(self.builder.build, batch))
+            batch = self._take_batch()
+            self._next = (batch, self._build_executor.submit(self.builder.build_chunks, batch))
 
-    def _spool(self, batch: list[trace_pb2.Trace], token: str) -> None:
-        payload = trace_pb2.ExportRequest(traces=batch).SerializeToString()
+    def _spool(self, batch: list[TraceChunk], token: str) -> None:
+        # Chunks hold ExportRequest bytes, so joined they are one ExportRequest.
+        payload = b"".join(chunk.payload for chunk in batch)
         try:
             stored = self.spool.append(token, payload)
         except OSError as exc:
             logger.error("cannot write to trace spool %s: %s", self.spool.directory, exc)
             stored = False
         if stored:
-            self.counters.spooled += len(batch)
+            self.counters.spooled += _count(batch)
             return
-        self.counters.dropped += len(batch)
+        self.counters.dropped += _count(batch)
         self._log_error_limited(
             "trace spool %s is full (%d bytes, limit %d): dropped %d traces, %d in total",
             self.spool.directory,
             self.spool.size_bytes,
             self.spool.limit_bytes,
-            len(batch),
+            _count(batch),
             self.counters.dropped,
         )
 
@@ -279,15 +301,15 @@ class TraceWriter:
             logger.error("moving unreadable spool file aside: %s", exc)
             self.spool.quarantine(path)
             return
-        request = trace_pb2.ExportRequest.FromString(payload)
+        chunk = TraceChunk.received(payload, trace_pb2.ExportRequest.FromString(payload).traces)
         try:
-            self._insert(request.traces, token)
+            self._insert([chunk], token)
         except StoreError as exc:
             # NOTE: a batch the store rejects for its content is retried forever.
-            self._note_failure(exc, len(request.traces))
+            self._note_failure(exc, chunk.trace_count)
             return
         self.spool.remove(path)
-        count = len(request.traces)
+        count = chunk.trace_count
         self.counters.written += count
         self.counters.replayed += count
         self._retry_delay = self.settings.retry_min_s
@@ -311,3 +333,7 @@ class TraceWriter:
         if current != last_logged:
             logger.info("trace writer counters: %s", current)
         return current
+
+
+def _count(batch: list[TraceChunk]) -> int:
+    return sum(chunk.trace_count for chunk in batch)
