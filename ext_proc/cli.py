@@ -77,12 +77,27 @@ def cmd_proxy_create(args) -> int:
 def cmd_proxy_update(args) -> int:
     _editor(args).update_proxy(
         args.proxy_id,
+        name=args.name,
         upstream_url=args.upstream_url,
         upstream_key_env=args.upstream_key_env,
         stream_policy_mode=args.stream_policy_mode,
         body_mode=args.body_mode,
         body_limit=args.body_limit,
     )
+    return 0
+
+
+def cmd_proxy_delete(args) -> int:
+    deletion = _editor(args).delete_proxy(args.proxy_id)
+    count = len(deletion.removed_policy_files)
+    print(f"deleted proxy {deletion.proxy_id} and {count} policy file{'' if count == 1 else 's'}",
+          file=sys.stderr)
+    if deletion.updated_key_ids:
+        print(f"removed {deletion.proxy_id} from keys {', '.join(deletion.updated_key_ids)}",
+              file=sys.stderr)
+    for key_id in deletion.keys_without_proxy:
+        print(f"key {key_id} is now scoped to no proxy and can call nothing; "
+              f"revoke it with `xenovia key revoke {key_id}`", file=sys.stderr)
     return 0
 
 
@@ -124,7 +139,7 @@ def cmd_key_list(args) -> int:
     print(f"{'ID':<22} {'CREATED':<21} {'REVOKED':<21} PROXIES")
     for entry in entries:
         print(f"{entry['id']:<22} {entry.get('created_at', ''):<21} "
-              f"{entry.get('revoked_at', '-'):<21} {','.join(entry['proxies'])}")
+              f"{entry.get('revoked_at', '-'):<21} {','.join(entry['proxies']) or '-'}")
     return 0
 
 
@@ -242,10 +257,22 @@ def _add_proxy_commands(commands) -> None:
 
     update = proxy.add_parser("update", help="change a proxy's settings")
     update.add_argument("proxy_id", help="proxy id")
+    update.add_argument("--name", help="new label; the id, keys and stored traces keep working")
     update.add_argument("--upstream-url", help="new provider base URL")
     update.add_argument("--upstream-key-env", help="new credential variable name")
     _add_proxy_options(update)
     update.set_defaults(handler=cmd_proxy_update)
+
+    delete = proxy.add_parser(
+        "delete",
+        help="delete a proxy, its attached policies and its id from every key",
+        description="Delete a proxy, its attached policy files and its id from every key's "
+                    "proxies. Keys stay, and a key left with no proxy can call nothing until "
+                    "revoked. Calls to the deleted proxy get 403 proxy_access_denied. Traces "
+                    "already stored for the proxy stay in the trace store.",
+    )
+    delete.add_argument("proxy_id", help="proxy id, as `xenovia proxy list` shows it")
+    delete.set_defaults(handler=cmd_proxy_delete)
 
     listing = proxy.add_parser("list", help="list proxies")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -7,6 +7,7 @@ reported and the last good registry stays in force.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -176,6 +177,18 @@ def _parse_key(key_id: str, raw: dict) -> ApiKey:
         raise RegistryError(f"key {key_id}: invalid entry: {exc!r}") from exc
 
 
+@dataclass(frozen=True)
+class ProxyDeletion:
+    """Changes made by ``RegistryEditor.delete_proxy``."""
+
+    proxy_id: str
+    # Keys whose proxies listed the deleted proxy, and those of them, not revoked, that are
+    # now scoped to no proxy at all.
+    updated_key_ids: list[str]
+    keys_without_proxy: list[str]
+    removed_policy_files: list[Path]
+
+
 class RegistryWatcher:
     """Reload the registry when its files change, keeping the last good one on errors.
 
@@ -244,7 +257,11 @@ def _files_signature(home: Path) -> tuple:
 
 
 class RegistryEditor:
-    """Change the registry files on behalf of the CLI."""
+    """Change the registry files on behalf of the CLI.
+
+    NOTE: nothing locks the files between a read and the write, so two commands run at
+    the same time can lose one of their changes.
+    """
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -256,6 +273,7 @@ class RegistryEditor:
         return _read_json(home_paths.keys_file(self.home), {"keys": {}})
 
     def create_proxy(self, **fields) -> str:
+        _check_proxy_name(fields["name"])
         parse_upstream_url(fields["upstream_url"])
         document = self._proxies_doc()
         proxy_id = new_id("prx")
@@ -269,9 +287,61 @@ class RegistryEditor:
     def update_proxy(self, proxy_id: str, **fields) -> None:
         document = self._proxies_doc()
         entry = self._require_proxy(document, proxy_id)
+        if fields.get("name") is not None:
+            _check_proxy_name(fields["name"])
         entry.update({key: value for key, value in fields.items() if value is not None})
         _parse_proxy(proxy_id, entry)
         home_paths.write_json(home_paths.proxies_file(self.home), document)
+
+    def delete_proxy(self, proxy_id: str) -> ProxyDeletion:
+        """Delete a proxy, its policy files and its id from every key's proxies.
+
+        Each file is replaced atomically, in the order keys.json, proxies.json, policy files.
+        Every step leaves a valid registry, so a gateway that reloads in between loads no
+        broken state. Keys lose the proxy first, so its calls get 403 from that step on.
+        """
+        document = self._proxies_doc()
+        entry = self._require_proxy(document, proxy_id)
+        keys_document = self._keys_doc()
+        updated_keys = []
+        keys_left_without_proxy = []
+        for key_id, key_entry in sorted(keys_document.get("keys", {}).items()):
+            allowed = key_entry.get("proxies", [])
+            if proxy_id not in allowed:
+                continue
+            key_entry["proxies"] = [other for other in allowed if other != proxy_id]
+            updated_keys.append(key_id)
+            if not key_entry["proxies"] and "revoked_at" not in key_entry:
+                keys_left_without_proxy.append(key_id)
+        if updated_keys:
+            home_paths.write_json(home_paths.keys_file(self.home), keys_document, mode=0o600)
+        del document["proxies"][proxy_id]
+        home_paths.write_json(home_paths.proxies_file(self.home), document)
+        removed_files = self._remove_policy_files(proxy_id, entry.get("policies", {}))
+        return ProxyDeletion(proxy_id, updated_keys, keys_left_without_proxy, removed_files)
+
+    def _remove_policy_files(self, proxy_id: str, attached: dict) -> list[Path]:
+        # Files of attachments that proxies.json no longer lists (left by an interrupted
+        # detach, say) are removed as well.
+        paths = {
+            home_paths.policy_file(self.home, proxy_id, stage, policy["name"])
+            for stage, policies in attached.items()
+            for policy in policies
+        }
+        for stage in STAGES:
+            pattern = f"policy.{glob.escape(proxy_id)}.{stage}.*.rego"
+            for path in (self.home / "config").glob(pattern):
+                name = path.name.removeprefix(f"policy.{proxy_id}.{stage}.").removesuffix(".rego")
+                if POLICY_NAME_PATTERN.fullmatch(name):
+                    paths.add(path)
+        removed = []
+        for path in sorted(paths):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+        return removed
 
     def list_proxies(self) -> list[dict]:
         proxies = self._proxies_doc().get("proxies", {})
@@ -363,6 +433,11 @@ class RegistryEditor:
         if entry is None:
             raise RegistryError(f"proxy {proxy_id!r} not found; see `xenovia proxy list`")
         return entry
+
+
+def _check_proxy_name(name: str) -> None:
+    if not name.strip():
+        raise RegistryError("proxy name must not be empty; pass a label with --name")
 
 
 def _now_iso() -> str:
