@@ -1,0 +1,187 @@
+"""`xenovia proxy delete` and `proxy update --name`, through the real CLI and gateway."""
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import wait_for_trace
+from gateway_harness import run_cli
+from openai import OpenAI
+
+from ext_proc import home as home_paths
+from ext_proc.registry import RegistryEditor, load_registry
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_POLICY = REPO / "policies" / "block_dangerous_tools.rego"
+RESPONSE_POLICY = REPO / "policies" / "response_block_drop_table.rego"
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+ANSWER = "Hello from the Xenovia mock provider."
+
+
+def chat(key: str, base_url: str):
+    client = OpenAI(api_key=key, base_url=base_url, max_retries=0)
+    return client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+def keys_document(home: Path) -> dict:
+    return json.loads(home_paths.keys_file(home).read_text())["keys"]
+
+
+def proxies_document(home: Path) -> dict:
+    return json.loads(home_paths.proxies_file(home).read_text())["proxies"]
+
+
+def key_id_for(gateway, proxy_id: str) -> str:
+    result = gateway.cli("key", "list", "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    return next(row["id"] for row in rows if row["proxies"] == [proxy_id])
+
+
+def test_deleted_proxy_rejects_old_key(gateway):
+    doomed = gateway.new_proxy("doomed")
+    kept = gateway.new_proxy("kept")
+    assert gateway.attach(doomed.proxy_id, "request", SEED_POLICY).returncode == 0
+    assert gateway.attach(doomed.proxy_id, "response", RESPONSE_POLICY).returncode == 0
+    assert gateway.attach(kept.proxy_id, "request", SEED_POLICY).returncode == 0
+    shared_key = gateway.change_registry(
+        "key", "create", "--proxy", doomed.proxy_id, "--proxy", kept.proxy_id
+    ).stdout.strip()
+    before = chat(doomed.key, doomed.base_url)
+    assert before.parse().choices[0].message.content == ANSWER
+    trace_id = before.headers["x-xenovia-trace-id"]
+    wait_for_trace(gateway.home, trace_id)
+
+    result = gateway.change_registry("proxy", "delete", doomed.proxy_id)
+
+    assert result.stdout == ""
+    assert f"deleted proxy {doomed.proxy_id} and 2 policy files" in result.stderr
+    for key in (doomed.key, shared_key):
+        with pytest.raises(openai.PermissionDeniedError) as raised:
+            chat(key, doomed.base_url)
+        error = raised.value.response.json()["error"]
+        assert raised.value.status_code == 403
+        assert error["code"] == "proxy_access_denied"
+        assert error["request_id"] == raised.value.response.headers["x-xenovia-trace-id"]
+    assert chat(shared_key, kept.base_url).parse().choices[0].message.content == ANSWER
+    assert chat(kept.key, kept.base_url).parse().choices[0].message.content == ANSWER
+    assert "registry reload failed" not in gateway.log_tail(400)
+    stored = gateway.traces("--proxy", doomed.proxy_id, "--limit", "100")
+    assert trace_id in [row["trace_id"] for row in stored]
+
+
+def test_delete_removes_files_and_key_scopes(gateway):
+    doomed = gateway.new_proxy("doomed-files")
+    kept = gateway.new_proxy("kept-files")
+    assert gateway.attach(doomed.proxy_id, "request", SEED_POLICY).returncode == 0
+    assert gateway.attach(kept.proxy_id, "request", SEED_POLICY).returncode == 0
+    gateway.change_registry("key", "create", "--proxy", doomed.proxy_id, "--proxy", kept.proxy_id)
+    kept_policy = home_paths.policy_file(gateway.home, kept.proxy_id, "request", SEED_POLICY.stem)
+    kept_entry = proxies_document(gateway.home)[kept.proxy_id]
+
+    gateway.change_registry("proxy", "delete", doomed.proxy_id)
+
+    leftover = list((gateway.home / "config").glob(f"policy.{doomed.proxy_id}.*"))
+    assert leftover == []
+    proxies = proxies_document(gateway.home)
+    assert doomed.proxy_id not in proxies
+    assert proxies[kept.proxy_id] == kept_entry
+    assert kept_policy.read_text() == SEED_POLICY.read_text()
+    keys = keys_document(gateway.home)
+    assert all(doomed.proxy_id not in entry["proxies"] for entry in keys.values())
+    assert any(entry["proxies"] == [kept.proxy_id] for entry in keys.values())
+    assert home_paths.keys_file(gateway.home).stat().st_mode & 0o777 == 0o600
+    listed = gateway.cli("policy", "list", "--proxy", doomed.proxy_id, "--json").stdout
+    assert listed == ""
+
+
+def test_delete_reports_key_left_without_proxy(gateway):
+    doomed = gateway.new_proxy("doomed-key")
+    key_id = key_id_for(gateway, doomed.proxy_id)
+
+    result = gateway.change_registry("proxy", "delete", doomed.proxy_id)
+
+    assert f"key {key_id} is now scoped to no proxy and can call nothing" in result.stderr
+    assert keys_document(gateway.home)[key_id]["proxies"] == []
+    listing = gateway.cli("key", "list").stdout
+    row = next(line for line in listing.splitlines() if line.startswith(key_id))
+    assert row.split()[-1] == "-"
+
+
+def test_delete_unknown_proxy_rejected(gateway):
+    gateway.new_proxy("bystander")
+    proxies_before = home_paths.proxies_file(gateway.home).read_bytes()
+    keys_before = home_paths.keys_file(gateway.home).read_bytes()
+
+    result = gateway.cli("proxy", "delete", "prx_0000000000000000", check=False)
+
+    assert result.returncode == 2
+    assert "proxy 'prx_0000000000000000' not found" in result.stderr
+    assert "xenovia proxy list" in result.stderr
+    assert home_paths.proxies_file(gateway.home).read_bytes() == proxies_before
+    assert home_paths.keys_file(gateway.home).read_bytes() == keys_before
+
+
+def test_delete_twice_rejected(gateway):
+    doomed = gateway.new_proxy("doomed-twice")
+    gateway.change_registry("proxy", "delete", doomed.proxy_id)
+
+    result = gateway.cli("proxy", "delete", doomed.proxy_id, check=False)
+
+    assert result.returncode == 2
+    assert f"proxy {doomed.proxy_id!r} not found" in result.stderr
+
+
+def test_update_renames_proxy(gateway):
+    access = gateway.new_proxy("before")
+
+    gateway.change_registry("proxy", "update", access.proxy_id, "--name", "after")
+
+    rows = [json.loads(line) for line in gateway.cli("proxy", "list", "--json").stdout.splitlines()]
+    entry = next(row for row in rows if row["id"] == access.proxy_id)
+    assert entry["name"] == "after"
+    assert entry["upstream_url"] == gateway.provider.base_url
+    assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
+
+
+def test_update_empty_name_rejected(gateway):
+    access = gateway.new_proxy("named")
+
+    result = gateway.cli("proxy", "update", access.proxy_id, "--name", "  ", check=False)
+
+    assert result.returncode == 2
+    assert "proxy name must not be empty" in result.stderr
+    assert proxies_document(gateway.home)[access.proxy_id]["name"] == "named"
+
+
+def test_delete_leaves_loadable_registry_after_each_write(tmp_path, monkeypatch):
+    editor = RegistryEditor(tmp_path)
+    doomed = editor.create_proxy(name="doomed", upstream_url="http://127.0.0.1:9/v1")
+    kept = editor.create_proxy(name="kept", upstream_url="http://127.0.0.1:9/v1")
+    source = SEED_POLICY.read_text()
+    editor.attach_policy(doomed, "request", "seed", source, "0" * 64, dry_run=False)
+    editor.create_key([doomed, kept], "a" * 64)
+    snapshots = []
+    write_json = home_paths.write_json
+
+    def write_and_load(path, document, mode=0o644):
+        write_json(path, document, mode)
+        snapshots.append(load_registry(tmp_path))
+
+    monkeypatch.setattr(home_paths, "write_json", write_and_load)
+
+    editor.delete_proxy(doomed)
+
+    assert len(snapshots) == 2
+    for registry in snapshots:
+        for key in registry.keys_by_hash.values():
+            assert doomed not in key.proxy_ids
+    assert doomed not in snapshots[-1].proxies
+    assert kept in snapshots[-1].proxies
+    assert load_registry(tmp_path).policy_sources == {}
+
+
+def test_delete_help_says_traces_stay(tmp_path):
+    result = run_cli(tmp_path, "proxy", "delete", "--help")
+
+    assert "Traces already stored" in result.stdout
