@@ -8,10 +8,11 @@ __all__ = ["REDACTION_KINDS", "redact_json_strings", "redact_text"]
 REDACTION_KINDS = frozenset({"email", "ssn"})
 
 # The look-behind lets a match start only at the beginning of a run of address characters,
-# and the bounded local part (64 characters, the RFC 5321 limit) keeps a long run of word
-# characters from making the scan quadratic.
+# so each run is scanned once and a long run of word characters, dots or @ signs stays
+# linear. The local part has no length limit: RFC 5321 allows 64 characters, but a reader
+# still sees a longer address, so it is redacted too.
 _EMAIL_RE = re.compile(
-    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}"
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}"
     r"(?![A-Za-z0-9-])"
 )
 

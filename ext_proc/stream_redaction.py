@@ -1,9 +1,22 @@
 """Redaction of server-sent event streams, held whole or passing event by event.
 
 A value to redact (an e-mail address, an SSN) can be split across the deltas of several
-events, so deltas are joined per channel before they are redacted. A channel is the text of
-one choice (chat and legacy completions) or of one Responses output part, or the arguments
-of one tool call.
+events, so deltas are joined per channel before they are redacted. A channel is one text
+field of one choice's deltas in chat and legacy completions (content, refusal, the arguments
+of one tool call, the input of one custom tool call, legacy ``function_call`` arguments), or
+one Responses ``*.delta`` event stream (output text, refusal, reasoning text, tool arguments
+and inputs), told apart by event type and the item and index fields of the event.
+
+Redaction fails closed for fields and events it was not written for:
+
+- every string in a chat delta is model text, except the fields ``role``, ``id``, ``type``
+  and ``name``, which identify a part or a tool;
+- every Responses event whose type ends in ``.delta`` and whose ``delta`` is a string is a
+  channel, except base64 audio (``response.audio.delta``);
+- every other Responses event (``.done`` events, ``response.completed``, deltas whose
+  ``delta`` is an object) has all its strings redacted on their own;
+- token log probabilities repeat the text token by token, so no pattern can find a value
+  in them: they are emptied in held streams that had a replacement, and always in live mode.
 """
 
 from __future__ import annotations
@@ -14,13 +27,19 @@ from dataclasses import dataclass
 from ext_proc import redaction
 from ext_proc.sse import SseEvent, make_event
 
-_RESPONSES_TEXT_DELTA = "response.output_text.delta"
-_RESPONSES_ARGUMENTS_DELTA = "response.function_call_arguments.delta"
-# The Responses events that close a channel, with the delta event type of that channel.
-_RESPONSES_CHANNEL_END = {
-    "response.output_text.done": _RESPONSES_TEXT_DELTA,
-    "response.function_call_arguments.done": _RESPONSES_ARGUMENTS_DELTA,
-}
+# Delta events whose ``delta`` is not text, so they are not joined into channels.
+_RESPONSES_BINARY_DELTAS = frozenset({"response.audio.delta"})
+# Fields that tell the channels of one Responses delta type apart. The ``.done`` event that
+# closes a channel carries the same fields as its deltas.
+_RESPONSES_CHANNEL_FIELDS = (
+    "item_id",
+    "output_index",
+    "content_index",
+    "summary_index",
+    "command_index",
+)
+# Chat delta fields that identify a part or name a tool instead of carrying model text.
+_CHAT_METADATA_FIELDS = frozenset({"role", "id", "type", "name"})
 
 
 @dataclass
@@ -40,36 +59,114 @@ def choices_of(data: dict) -> list[dict]:
 
 
 def choice_slots(choice: dict) -> list[Slot]:
+    """Return the text slots of one choice, keyed ``("choice", index, path)``.
+
+    The path leads from the choice to the string; inside a list (``tool_calls``) it names
+    the item by its ``index`` field, which is how clients join the fragments of one call.
+    """
     index = choice.get("index", 0)
     delta = choice.get("delta")
-    if not isinstance(delta, dict):
-        text = choice.get("text")
-        return [Slot(("text", index), choice, "text")] if isinstance(text, str) else []
+    if isinstance(delta, dict):
+        return _string_slots(index, delta, ("delta",))
+    text = choice.get("text")
+    return [Slot(("choice", index, ("text",)), choice, "text")] if isinstance(text, str) else []
+
+
+def _string_slots(index, holder: dict, path: tuple) -> list[Slot]:
     slots = []
-    if isinstance(delta.get("content"), str):
-        slots.append(Slot(("text", index), delta, "content"))
-    for call in delta.get("tool_calls") or []:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            slots.append(Slot(("args", index, call.get("index", 0)), function, "arguments"))
+    for name, value in holder.items():
+        if name in _CHAT_METADATA_FIELDS:
+            continue
+        if isinstance(value, str):
+            slots.append(Slot(("choice", index, (*path, name)), holder, name))
+        elif isinstance(value, dict):
+            slots.extend(_string_slots(index, value, (*path, name)))
+        elif isinstance(value, list):
+            for position, item in enumerate(value):
+                if not isinstance(item, dict):
+                    continue
+                item_index = item.get("index")
+                if isinstance(item_index, bool) or not isinstance(item_index, int):
+                    item_index = position
+                slots.extend(_string_slots(index, item, (*path, name, item_index)))
     return slots
 
 
+def _put_at(holder: dict, path: tuple, text: str) -> None:
+    """Append ``text`` to the string at ``path`` under ``holder``, creating the parts it lacks."""
+    position = 0
+    while position < len(path) - 1:
+        name, following = path[position], path[position + 1]
+        if isinstance(following, int):
+            items = holder.get(name)
+            if not isinstance(items, list):
+                items = holder[name] = []
+            holder = _item_with_index(items, following)
+            position += 2
+            continue
+        child = holder.get(name)
+        if not isinstance(child, dict):
+            child = holder[name] = {}
+        holder = child
+        position += 1
+    field = path[-1]
+    holder[field] = (holder.get(field) or "") + text
+
+
+def _item_with_index(items: list, index: int) -> dict:
+    for item in items:
+        if isinstance(item, dict) and item.get("index") == index:
+            return item
+    item = {"index": index}
+    items.append(item)
+    return item
+
+
 def responses_channel(data: dict, delta_type: str) -> tuple:
-    if delta_type == _RESPONSES_TEXT_DELTA:
-        return ("text", data.get("item_id"), data.get("content_index"))
-    return ("args", data.get("item_id"))
+    return (delta_type, *(data.get(name) for name in _RESPONSES_CHANNEL_FIELDS))
+
+
+def _is_text_delta_type(event_type: object) -> bool:
+    return (
+        isinstance(event_type, str)
+        and event_type.endswith(".delta")
+        and event_type not in _RESPONSES_BINARY_DELTAS
+    )
+
+
+def _delta_type_closed_by(event_type: object) -> str | None:
+    """Return the delta event type whose channel a ``.done`` event closes."""
+    if not isinstance(event_type, str) or not event_type.endswith(".done"):
+        return None
+    return event_type.removesuffix(".done") + ".delta"
 
 
 def delta_slots(request_type: str, data: dict) -> list[Slot]:
     if request_type != "responses":
         return [slot for choice in choices_of(data) for slot in choice_slots(choice)]
     event_type = data.get("type")
-    if event_type in (_RESPONSES_TEXT_DELTA, _RESPONSES_ARGUMENTS_DELTA) and isinstance(
-        data.get("delta"), str
-    ):
+    if _is_text_delta_type(event_type) and isinstance(data.get("delta"), str):
         return [Slot(responses_channel(data, event_type), data, "delta")]
     return []
+
+
+def drop_logprobs(value: object) -> bool:
+    """Empty every ``logprobs`` field inside a parsed event; return whether one had content.
+
+    Lists become ``[]`` and objects ``None``, the empty values the OpenAI stream types allow.
+    """
+    changed = False
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name == "logprobs" and item:
+                value[name] = [] if isinstance(item, list) else None
+                changed = True
+            elif isinstance(item, (dict, list)):
+                changed = drop_logprobs(item) or changed
+    elif isinstance(value, list):
+        for item in value:
+            changed = drop_logprobs(item) or changed
+    return changed
 
 
 def _add_counts(total: dict[str, int], found: dict[str, int]) -> None:
@@ -83,12 +180,46 @@ def redact_held_events(
     """Redact a whole held stream; return the events to send and the replacements per kind.
 
     Each channel with something to redact is redacted as a whole and carried by its first
-    delta, with empty deltas after it. Responses events that repeat whole texts (``.done``
-    events, ``response.completed``) are redacted in place.
+    delta, with empty deltas after it. Responses events that are not text deltas (``.done``
+    events, ``response.completed``) are redacted in place. When anything was replaced,
+    token log probabilities are emptied in every event.
     """
-    parsed = [(event, event.json()) for event in events]
+    parsed = [event.json() for event in events]
+    replacements, counts = _redact_channels(request_type, parsed, kinds)
+    sent: set[tuple] = set()
+    changed = []
+    for position, data in enumerate(parsed):
+        if data is None:
+            changed.append(False)
+            continue
+        slots = delta_slots(request_type, data)
+        event_changed = False
+        for slot in slots:
+            if slot.key in replacements:
+                slot.holder[slot.field] = "" if slot.key in sent else replacements[slot.key]
+                sent.add(slot.key)
+                event_changed = True
+        if request_type == "responses" and not slots:
+            parsed[position], found = redaction.redact_json_strings(data, kinds)
+            if found:
+                _add_counts(counts, found)
+                event_changed = True
+        changed.append(event_changed)
+    if counts:
+        changed = [drop_logprobs(data) or flag for data, flag in zip(parsed, changed, strict=True)]
+    out = [
+        make_event(data, event.event) if flag else event
+        for event, data, flag in zip(events, parsed, changed, strict=True)
+    ]
+    return out, counts
+
+
+def _redact_channels(
+    request_type: str, parsed: list[dict | None], kinds: frozenset[str]
+) -> tuple[dict[tuple, str], dict[str, int]]:
+    """Join the deltas of every channel; return the redacted text of the channels that changed."""
     joined: dict[tuple, str] = {}
-    for _, data in parsed:
+    for data in parsed:
         for slot in delta_slots(request_type, data) if data is not None else ():
             joined[slot.key] = joined.get(slot.key, "") + slot.holder[slot.field]
     counts: dict[str, int] = {}
@@ -98,27 +229,7 @@ def redact_held_events(
         if found:
             replacements[key] = redacted
             _add_counts(counts, found)
-
-    out = []
-    sent: set[tuple] = set()
-    for event, data in parsed:
-        if data is None:
-            out.append(event)
-            continue
-        slots = delta_slots(request_type, data)
-        changed = False
-        for slot in slots:
-            if slot.key in replacements:
-                slot.holder[slot.field] = "" if slot.key in sent else replacements[slot.key]
-                sent.add(slot.key)
-                changed = True
-        if request_type == "responses" and not slots:
-            data, found = redaction.redact_json_strings(data, kinds)
-            if found:
-                _add_counts(counts, found)
-                changed = True
-        out.append(make_event(data, event.event) if changed else event)
-    return out, counts
+    return replacements, counts
 
 
 class LiveRedactor:
@@ -127,7 +238,8 @@ class LiveRedactor:
     E-mail addresses and SSNs contain no whitespace, so a channel's text up to its last
     whitespace can be redacted and released while the rest waits for the next delta. A tail
     is released when its channel ends: the chunk with the choice's ``finish_reason``, the
-    Responses ``.done`` event, or ``flush`` at the end of the stream.
+    Responses ``.done`` event, or ``flush`` at the end of the stream. Token log probabilities
+    are emptied in every event, because they would send the held text ahead of it.
     NOTE: text without whitespace (long code tokens, CJK text) is held until its channel ends.
     """
 
@@ -162,7 +274,7 @@ class LiveRedactor:
         events = []
         for key in list(self._pending):
             choice = {"index": key[1], "finish_reason": None}
-            self._put_tail(choice, key, self._release(key, "", final=True))
+            _put_at(choice, key[2], self._release(key, "", final=True))
             events.append(make_event({**self._chunk_fields, "choices": [choice]}))
         return events
 
@@ -188,20 +300,9 @@ class LiveRedactor:
             if final:
                 index = choice.get("index", 0)
                 for key in [key for key in self._pending if key[1] == index]:
-                    self._put_tail(choice, key, self._release(key, "", final=True))
+                    _put_at(choice, key[2], self._release(key, "", final=True))
+        drop_logprobs(data)
         return make_event(data, event.event)
-
-    def _put_tail(self, choice: dict, key: tuple, text: str) -> None:
-        if self.request_type != "chat_completions":
-            choice["text"] = choice.get("text", "") + text
-            return
-        delta = choice.setdefault("delta", {})
-        if key[0] == "text":
-            delta["content"] = (delta.get("content") or "") + text
-        else:
-            delta.setdefault("tool_calls", []).append(
-                {"index": key[2], "function": {"arguments": text}}
-            )
 
     # Responses events.
 
@@ -213,12 +314,13 @@ class LiveRedactor:
             self._templates[slot.key] = data
             slot.holder[slot.field] = self._release(slot.key, slot.holder[slot.field], final=False)
         else:
-            delta_type = _RESPONSES_CHANNEL_END.get(data.get("type"))
+            delta_type = _delta_type_closed_by(data.get("type"))
             if delta_type is not None:
                 key = responses_channel(data, delta_type)
                 out.extend(self._release_responses_tail(key, data.get("sequence_number")))
             data, found = redaction.redact_json_strings(data, self.kinds)
             _add_counts(self.counts, found)
+        drop_logprobs(data)
         self._shift_sequence(data)
         out.append(make_event(data, event.event))
         return out

@@ -1,6 +1,8 @@
 import pytest
 
 from ext_proc.redaction import REDACTION_KINDS, redact_json_strings, redact_text
+from ext_proc.sse import SseEvent, make_event
+from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 
 BOTH = frozenset({"email", "ssn"})
 
@@ -88,3 +90,279 @@ def test_json_scalars_and_strings():
     assert redact_json_strings(42, BOTH) == (42, {})
     assert redact_json_strings(None, BOTH) == (None, {})
     assert redact_json_strings(["a", 1.5], frozenset()) == (["a", 1.5], {})
+
+
+def test_long_local_part_redacted():
+    for local in ("a" * 65, "first.last." * 20, "x" * 5000):
+        text, counts = redact_text(f"mail {local}@example.com now", BOTH)
+        assert text == "mail [REDACTED_EMAIL] now", local[:20]
+        assert counts == {"email": 1}
+
+
+def test_long_run_before_at_sign_is_linear():
+    text = "a" * 200_000 + "@" + "b" * 200_000 + " x.y@" * 1000
+    assert redact_text(text, BOTH) == (text, {})
+
+
+# Streams: every text delta kind, with an address cut mid-word across events.
+
+EMAIL = "jane.doe@example.com"
+PIECES = ["Write to ja", "ne.doe@exa", "mple.com for", " access, or call the desk."]
+REDACTED = "Write to [REDACTED_EMAIL] for access, or call the desk."
+DONE = SseEvent(b"data: [DONE]\n\n", data="[DONE]")
+EMAIL_ONLY = frozenset({"email"})
+
+# Where each chat delta kind puts its text, and how to read it back from a delta.
+CHAT_KINDS = {
+    "refusal": (lambda piece: {"refusal": piece}, lambda delta: delta.get("refusal")),
+    "function_call": (
+        lambda piece: {"function_call": {"arguments": piece}},
+        lambda delta: (delta.get("function_call") or {}).get("arguments"),
+    ),
+    "custom_tool_input": (
+        lambda piece: {"tool_calls": [{"index": 0, "custom": {"input": piece}}]},
+        lambda delta: "".join(
+            (call.get("custom") or {}).get("input") or "" for call in delta.get("tool_calls") or []
+        ),
+    ),
+    "unknown_field": (
+        lambda piece: {"reasoning_content": piece},
+        lambda delta: delta.get("reasoning_content"),
+    ),
+}
+
+
+def chat_chunk(delta: dict, finish_reason=None, **choice_fields) -> SseEvent:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, **choice_fields}
+    return make_event({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]})
+
+
+def chat_stream(kind: str) -> list[SseEvent]:
+    wrap = CHAT_KINDS[kind][0]
+    return [chat_chunk(wrap(piece)) for piece in PIECES]
+
+
+def chat_text(events: list[SseEvent], kind: str) -> str:
+    read = CHAT_KINDS[kind][1]
+    parts = []
+    for event in events:
+        data = event.json()
+        for choice in (data or {}).get("choices") or []:
+            parts.append(read(choice.get("delta") or {}) or "")
+    return "".join(parts)
+
+
+def sent_bytes(events: list[SseEvent]) -> bytes:
+    return b"".join(event.raw for event in events)
+
+
+def run_live(request_type: str, events: list[SseEvent]) -> tuple[list[SseEvent], LiveRedactor]:
+    redactor = LiveRedactor(request_type, EMAIL_ONLY)
+    sent = [out for event in events for out in redactor.redact(event)]
+    return sent, redactor
+
+
+@pytest.mark.parametrize("kind", CHAT_KINDS)
+def test_held_chat_delta_redacted(kind):
+    events = chat_stream(kind) + [chat_chunk({}, "stop"), DONE]
+
+    redacted, counts = redact_held_events("chat_completions", events, EMAIL_ONLY)
+
+    assert chat_text(redacted, kind) == REDACTED
+    assert b"jane" not in sent_bytes(redacted)
+    assert counts == {"email": 1}
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["finish-chunk", "done-marker"])
+@pytest.mark.parametrize("kind", CHAT_KINDS)
+def test_live_chat_delta_redacted(kind, finish):
+    events = chat_stream(kind) + ([chat_chunk({}, "stop")] if finish else []) + [DONE]
+
+    sent, redactor = run_live("chat_completions", events)
+
+    assert chat_text(sent, kind) == REDACTED
+    assert b"jane" not in sent_bytes(sent)
+    assert sent[-1].is_done_marker
+    assert redactor.counts == {"email": 1}
+
+
+def test_live_tool_tail_keeps_call_index():
+    events = [
+        chat_chunk({"tool_calls": [{"index": 2, "function": {"arguments": piece}}]})
+        for piece in ['{"to": "ja', 'ne.doe@example.com"}']
+    ]
+
+    sent, _ = run_live("chat_completions", events + [chat_chunk({}, "tool_calls")])
+
+    calls = [
+        call
+        for event in sent
+        for call in event.json()["choices"][0]["delta"].get("tool_calls") or []
+    ]
+    assert {call["index"] for call in calls} == {2}
+    assert "".join(call["function"]["arguments"] for call in calls) == '{"to": "[REDACTED_EMAIL]"}'
+
+
+def test_channels_of_one_choice_kept_apart():
+    events = [
+        chat_chunk({"content": "mail ja", "refusal": "ask bo"}),
+        chat_chunk({"content": "ne@example.com", "refusal": "b@example.org please"}),
+    ]
+
+    redacted, counts = redact_held_events("chat_completions", events, EMAIL_ONLY)
+
+    assert chat_text(redacted, "refusal") == "ask [REDACTED_EMAIL] please"
+    content = "".join(event.json()["choices"][0]["delta"]["content"] for event in redacted)
+    assert content == "mail [REDACTED_EMAIL]"
+    assert counts == {"email": 2}
+
+
+def test_live_legacy_completion_text_redacted():
+    def choice_event(text, finish_reason=None):
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+        return make_event({"id": "cmpl", "object": "text_completion", "choices": [choice]})
+
+    sent, redactor = run_live("completions", [choice_event(piece) for piece in PIECES] + [DONE])
+
+    text = "".join(choice["text"] for e in sent if e.json() for choice in e.json()["choices"])
+    assert text == REDACTED
+    assert redactor.counts == {"email": 1}
+
+
+def chat_logprobs(token: str) -> dict:
+    return {"content": [{"token": token, "logprob": -0.1, "bytes": None, "top_logprobs": []}]}
+
+
+def test_held_logprobs_dropped_when_redacted():
+    events = [chat_chunk({"content": piece}, logprobs=chat_logprobs(piece)) for piece in PIECES]
+
+    redacted, _ = redact_held_events("chat_completions", events, EMAIL_ONLY)
+
+    assert b"jane" not in sent_bytes(redacted)
+    assert all(event.json()["choices"][0]["logprobs"] is None for event in redacted)
+
+
+def test_held_logprobs_kept_without_match():
+    events = [chat_chunk({"content": "plain"}, logprobs=chat_logprobs("plain"))]
+
+    redacted, counts = redact_held_events("chat_completions", events, EMAIL_ONLY)
+
+    assert counts == {}
+    assert redacted[0] is events[0]
+
+
+def test_live_logprobs_dropped():
+    events = [chat_chunk({"content": piece}, logprobs=chat_logprobs(piece)) for piece in PIECES]
+
+    sent, _ = run_live("chat_completions", events + [DONE])
+
+    assert b"jane" not in sent_bytes(sent)
+    assert b"ne.doe" not in sent_bytes(sent)
+
+
+# Responses delta event types, the channel fields of their events, and the field of their
+# .done event that repeats the whole text. Names as in the openai-python stream event types.
+RESPONSES_KINDS = {
+    "response.refusal.delta": ({"content_index": 0}, "refusal"),
+    "response.custom_tool_call_input.delta": ({}, "input"),
+    "response.mcp_call_arguments.delta": ({}, "arguments"),
+    "response.reasoning_summary_text.delta": ({"summary_index": 0}, "text"),
+    "response.reasoning_text.delta": ({"content_index": 0}, "text"),
+    "response.audio.transcript.delta": ({}, None),
+    "response.future_text.delta": ({}, "text"),
+}
+
+
+def responses_stream(delta_type: str) -> list[SseEvent]:
+    fields, done_field = RESPONSES_KINDS[delta_type]
+    where = {"item_id": "item_1", "output_index": 0, **fields}
+    if delta_type == "response.audio.transcript.delta":
+        where = {}
+    events = [
+        {"type": delta_type, **where, "delta": piece, "sequence_number": number}
+        for number, piece in enumerate(PIECES, start=1)
+    ]
+    done = {"type": delta_type.removesuffix(".delta") + ".done", **where}
+    if done_field:
+        done[done_field] = "".join(PIECES)
+    done["sequence_number"] = len(PIECES) + 1
+    completed = {
+        "type": "response.completed",
+        "response": {"id": "resp_1", "status": "completed", "output": [{"text": "".join(PIECES)}]},
+        "sequence_number": len(PIECES) + 2,
+    }
+    return [make_event(data, data["type"]) for data in [*events, done, completed]]
+
+
+def responses_deltas(events: list[SseEvent], delta_type: str) -> str:
+    return "".join(e.json()["delta"] for e in events if e.json()["type"] == delta_type)
+
+
+@pytest.mark.parametrize("delta_type", RESPONSES_KINDS)
+def test_held_responses_delta_redacted(delta_type):
+    events = responses_stream(delta_type)
+
+    redacted, counts = redact_held_events("responses", events, EMAIL_ONLY)
+
+    assert responses_deltas(redacted, delta_type) == REDACTED
+    assert b"jane" not in sent_bytes(redacted)
+    assert counts["email"] >= 2
+
+
+@pytest.mark.parametrize("delta_type", RESPONSES_KINDS)
+def test_live_responses_delta_redacted(delta_type):
+    sent, redactor = run_live("responses", responses_stream(delta_type))
+
+    assert responses_deltas(sent, delta_type) == REDACTED
+    assert b"jane" not in sent_bytes(sent)
+    numbers = [event.json()["sequence_number"] for event in sent]
+    assert numbers == list(range(1, len(sent) + 1))
+    done_type = delta_type.removesuffix(".delta") + ".done"
+    kinds_in_order = [event.json()["type"] for event in sent]
+    assert kinds_in_order.index(done_type) > max(
+        position for position, kind in enumerate(kinds_in_order) if kind == delta_type
+    )
+    assert redactor.counts["email"] >= 2
+
+
+def test_object_delta_redacted_per_event():
+    data = {
+        "type": "response.shell_call_output_content.delta",
+        "delta": {"stdout": f"owner {EMAIL}\n", "stderr": ""},
+        "sequence_number": 1,
+    }
+    events = [make_event(data, data["type"])]
+
+    held, _ = redact_held_events("responses", events, EMAIL_ONLY)
+    live, _ = run_live("responses", events)
+
+    for sent in (held, live):
+        assert sent[0].json()["delta"]["stdout"] == "owner [REDACTED_EMAIL]\n"
+
+
+def test_audio_delta_not_held_in_live_mode():
+    data = {"type": "response.audio.delta", "delta": "QUJDRA==", "sequence_number": 1}
+
+    sent, _ = run_live("responses", [make_event(data, data["type"])])
+
+    assert sent[0].json()["delta"] == "QUJDRA=="
+
+
+def test_responses_text_logprobs_dropped():
+    data = {
+        "type": "response.output_text.delta",
+        "item_id": "msg_1",
+        "output_index": 0,
+        "content_index": 0,
+        "delta": EMAIL + " ",
+        "logprobs": [{"token": "jane", "logprob": -0.1, "top_logprobs": []}],
+        "sequence_number": 1,
+    }
+    events = [make_event(data, data["type"])]
+
+    held, _ = redact_held_events("responses", events, EMAIL_ONLY)
+    live, _ = run_live("responses", events)
+
+    for sent in (held, live):
+        assert sent[0].json()["logprobs"] == []
+        assert b"jane" not in sent_bytes(sent)
