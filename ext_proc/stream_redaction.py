@@ -17,6 +17,9 @@ Redaction fails closed for fields and events it was not written for:
   ``delta`` is an object) has all its strings redacted on their own;
 - token log probabilities repeat the text token by token, so no pattern can find a value
   in them: they are emptied in held streams that had a replacement, and always in live mode.
+
+NOTE: deltas whose ``delta`` is an object (``response.shell_call_output_content.delta``) are
+redacted one event at a time, so a value split across two of them is not found.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Streamed chat completions end to end: pass-through, usage, truncation, split events, gzip."""
+"""Streams end to end: pass-through, usage, truncation, split events, gzip, redacted deltas."""
 
 import json
 import uuid
+from pathlib import Path
 
 import httpx2 as httpx
 import openai
@@ -11,6 +12,7 @@ from openai import OpenAI
 
 from ext_proc.mock_provider import DEFAULT_ANSWER
 
+REDACT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "redact_pii.rego"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 LONG_ANSWER = " ".join(f"word{i:03d}" for i in range(60)) + "."
 
@@ -226,3 +228,111 @@ def test_streamed_provider_error_passes_through(gateway, access):
     assert uuid.UUID(response.headers["x-xenovia-session-id"])
     with pytest.raises(openai.RateLimitError):
         stream_chat(access, {"x-mock-status": "429"})
+
+
+# Redaction of the text deltas that are not message content. The mock sends the events of
+# x-mock-raw-event before its own stream, with an address cut mid-word across two events.
+
+EMAIL = "jane.doe@example.com"
+
+
+@pytest.fixture(scope="module", params=["hold", "live"])
+def redacting(request, gateway):
+    access = gateway.new_proxy(
+        f"stream-redact-{request.param}", "--stream-policy-mode", request.param
+    )
+    assert gateway.attach(access.proxy_id, "response", REDACT_POLICY).returncode == 0
+    return access
+
+
+def sse_text(payloads: list[dict]) -> str:
+    return "".join(f"data: {json.dumps(payload)}\\n\\n" for payload in payloads)
+
+
+def chat_delta_chunk(delta: dict) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    return {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [choice],
+    }
+
+
+def raw_responses_stream(access, raw_event: str) -> httpx.Response:
+    return httpx.post(
+        access.base_url + "/responses",
+        headers={"authorization": f"Bearer {access.key}", "x-mock-raw-event": raw_event},
+        json={"model": "gpt-4o-mini", "input": "Say hello.", "stream": True},
+        timeout=30,
+    )
+
+
+def test_streamed_refusal_redacted(gateway, redacting):
+    pieces = ["I will not mail ja", "ne.doe@example.com about it."]
+    raw_event = sse_text([chat_delta_chunk({"refusal": piece}) for piece in pieces])
+
+    response = raw_stream(redacting, {"x-mock-raw-event": raw_event})
+
+    assert response.status_code == 200
+    assert b"doe@example.com" not in response.content
+    chunks = [payload for payload in sse_payloads(response.content) if payload != "[DONE]"]
+    refusal = "".join(chunk["choices"][0]["delta"].get("refusal") or "" for chunk in chunks)
+    assert refusal == "I will not mail [REDACTED_EMAIL] about it."
+    assert content_of_payloads(chunks) == DEFAULT_ANSWER
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "redact_response"
+    assert trace["redacted_kinds"] == ["email"]
+
+
+def test_streamed_legacy_function_call_redacted(gateway, redacting):
+    first = {"function_call": {"name": "send_mail", "arguments": '{"to": "ja'}}
+    second = {"function_call": {"arguments": 'ne.doe@example.com", "subject": "access"}'}}
+    raw_event = sse_text([chat_delta_chunk(first), chat_delta_chunk(second)])
+
+    response = raw_stream(redacting, {"x-mock-raw-event": raw_event})
+
+    assert response.status_code == 200
+    assert b"doe@example.com" not in response.content
+    chunks = [payload for payload in sse_payloads(response.content) if payload != "[DONE]"]
+    calls = [chunk["choices"][0]["delta"].get("function_call") or {} for chunk in chunks]
+    assert calls[0]["name"] == "send_mail"
+    arguments = "".join(call.get("arguments") or "" for call in calls)
+    assert json.loads(arguments) == {"to": "[REDACTED_EMAIL]", "subject": "access"}
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "redact_response"
+    assert EMAIL not in json.dumps(trace, default=str)
+
+
+@pytest.mark.parametrize(
+    ("delta_type", "channel"),
+    [
+        ("response.refusal.delta", {"content_index": 0}),
+        ("response.custom_tool_call_input.delta", {}),
+        ("response.reasoning_summary_text.delta", {"summary_index": 0}),
+    ],
+)
+def test_streamed_responses_deltas_redacted(redacting, delta_type, channel):
+    pieces = ["contact ja", "ne.doe@example.com today"]
+    where = {"item_id": "item_raw", "output_index": 1, **channel}
+    events = [
+        {"type": delta_type, **where, "delta": piece, "sequence_number": 100 + number}
+        for number, piece in enumerate(pieces)
+    ]
+    done = {"type": delta_type.removesuffix(".delta") + ".done", **where, "sequence_number": 102}
+    raw_event = sse_text([*events, done])
+
+    response = raw_responses_stream(redacting, raw_event)
+
+    assert response.status_code == 200
+    assert b"doe@example.com" not in response.content
+    payloads = sse_payloads(response.content)
+    deltas = [payload["delta"] for payload in payloads if payload["type"] == delta_type]
+    assert "".join(deltas) == "contact [REDACTED_EMAIL] today"
+    assert payloads[-1]["type"] == "response.completed"
+
+
+def content_of_payloads(chunks: list[dict]) -> str:
+    return "".join(
+        chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"]
+    )
