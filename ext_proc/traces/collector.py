@@ -31,7 +31,7 @@ from ext_proc.traces import (
     spool_path,
 )
 from ext_proc.traces.cost import PriceTable
-from ext_proc.traces.rows import DEFAULT_BODY_LIMIT, RowBuilder, TraceChunk
+from ext_proc.traces.rows import DEFAULT_BODY_LIMIT, RowBuilder
 from ext_proc.traces.schema import Retention
 from ext_proc.traces.scrub import Scrubber
 from ext_proc.traces.spool import DEFAULT_SPOOL_LIMIT_BYTES, Spool
@@ -71,11 +71,13 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an ExportRequest")
         fresh = [trace for trace in traces if trace.trace_id not in self._recent_ids]
-        if len(fresh) == len(traces):
-            chunk = TraceChunk.received(payload, traces)
-        else:
-            chunk = TraceChunk.encode(fresh)
         if fresh:
+            # The byte check for secrets runs here, while the writer thread waits on an
+            # insert, rather than in the writer's critical path.
+            if len(fresh) == len(traces):
+                chunk = self.writer.builder.chunk(traces, payload)
+            else:
+                chunk = self.writer.builder.chunk(fresh)
             try:
                 self.writer.submit_chunks([chunk])
             except PendingFull:

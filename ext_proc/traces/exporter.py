@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from ext_proc.pb import trace_pb2, trace_pb2_grpc
+from ext_proc.pb import trace_pb2
 from ext_proc.traces import GRPC_OPTIONS
+from ext_proc.traces.rows import export_request_bytes
 
 logger = logging.getLogger(__name__)
 
 _WARNING_INTERVAL_S = 10.0
+_EXPORT_METHOD = f"/{trace_pb2.DESCRIPTOR.services_by_name['TraceCollector'].full_name}/Export"
 _EXPORT_TIMEOUT_S = 10.0
 # Codes after which the same batch may succeed later; others mean it never will.
 _RETRYABLE = frozenset(
@@ -153,17 +155,20 @@ class TraceExporter:
             )
 
     async def _flush_loop(self) -> None:
-        stub = trace_pb2_grpc.TraceCollectorStub(self._channel)
+        # The request is serialized here: ExportRequest(traces=...) would copy every trace.
+        export = self._channel.unary_unary(
+            _EXPORT_METHOD, response_deserializer=trace_pb2.ExportResponse.FromString
+        )
         delay = self.retry_min_s
         while not (self._closing and not self._queue):
             await self._wait_for_batch()
             if not self._queue:
                 continue
             count = min(len(self._queue), self.batch_size)
-            batch = [self._queue[index] for index in range(count)]
+            payload = export_request_bytes([self._queue[index] for index in range(count)])
             sent_at = time.monotonic()
             try:
-                await stub.Export(trace_pb2.ExportRequest(traces=batch), timeout=_EXPORT_TIMEOUT_S)
+                await export(payload, timeout=_EXPORT_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     self._discard(count, exc)

@@ -63,28 +63,19 @@ class TraceChunk:
     """Traces as the bytes of an ExportRequest, with what a batch needs to know of them.
 
     The collector keeps the bytes an exporter sent and passes them on to ClickHouse
-    unchanged unless the scrubber's byte check finds something to remove.
+    unchanged unless the scrubber's byte check (``needs_scrub``) found something.
     """
 
     payload: bytes
     trace_count: int
     step_count: int
     models: frozenset[str]
+    needs_scrub: bool
 
-    @classmethod
-    def received(cls, payload: bytes, traces: Sequence[trace_pb2.Trace]) -> TraceChunk:
-        """Describe ``payload``, whose parsed traces are ``traces``."""
-        return cls(
-            payload=payload,
-            trace_count=len(traces),
-            step_count=sum(len(trace.steps) for trace in traces),
-            models=frozenset(trace.model_served or trace.model for trace in traces),
-        )
 
-    @classmethod
-    def encode(cls, traces: Sequence[trace_pb2.Trace]) -> TraceChunk:
-        # Serializing each trace is faster than building an ExportRequest, which copies them.
-        return cls.received(_envelope([trace.SerializeToString() for trace in traces]), traces)
+def export_request_bytes(traces: Sequence[trace_pb2.Trace]) -> bytes:
+    """Return the bytes of ``ExportRequest(traces=traces)``, without copying the traces."""
+    return _envelope([trace.SerializeToString() for trace in traces])
 
 
 @dataclass
@@ -110,8 +101,23 @@ class RowBuilder:
         self.scrubber = scrubber
         self.default_body_limit = default_body_limit or DEFAULT_BODY_LIMIT
 
+    def chunk(
+        self, traces: Sequence[trace_pb2.Trace], payload: bytes | None = None
+    ) -> TraceChunk:
+        """Describe ``traces``, whose ExportRequest bytes are ``payload`` when given."""
+        if payload is None:
+            payload = export_request_bytes(traces)
+        return TraceChunk(
+            payload=payload,
+            trace_count=len(traces),
+            step_count=sum(len(trace.steps) for trace in traces),
+            models=frozenset(trace.model_served or trace.model for trace in traces),
+            # One scan over the whole chunk; most chunks hold nothing to remove.
+            needs_scrub=self.scrubber.might_change_bytes(payload),
+        )
+
     def build(self, traces: Sequence[trace_pb2.Trace]) -> EncodedBatch:
-        return self.build_chunks([TraceChunk.encode(traces)])
+        return self.build_chunks([self.chunk(traces)])
 
     def build_chunks(self, chunks: Sequence[TraceChunk]) -> EncodedBatch:
         payload = b"".join(self._scrubbed_payload(chunk) for chunk in chunks)
@@ -132,8 +138,7 @@ class RowBuilder:
         )
 
     def _scrubbed_payload(self, chunk: TraceChunk) -> bytes:
-        # One scan over the whole chunk decides; most chunks hold nothing to remove.
-        if not self.scrubber.might_change_bytes(chunk.payload):
+        if not chunk.needs_scrub:
             return chunk.payload
         encoded = []
         for trace in trace_pb2.ExportRequest.FromString(chunk.payload).traces:

@@ -105,7 +105,7 @@ class TraceWriter:
         """Queue traces for writing; raise PendingFull when the backlog has no room."""
         size = self.settings.batch_size
         chunks = [
-            TraceChunk.encode(traces[start : start + size])
+            self.builder.chunk(traces[start : start + size])
             for start in range(0, len(traces), size)
         ]
         self.submit_chunks(chunks)
@@ -301,7 +301,7 @@ class TraceWriter:
             logger.error("moving unreadable spool file aside: %s", exc)
             self.spool.quarantine(path)
             return
-        chunk = TraceChunk.received(payload, trace_pb2.ExportRequest.FromString(payload).traces)
+        chunk = self.builder.chunk(trace_pb2.ExportRequest.FromString(payload).traces, payload)
         try:
             self._insert([chunk], token)
         except StoreError as exc:
