@@ -70,17 +70,16 @@ def format_schema_settings() -> dict[str, str]:
     }
 
 
-def settings_clause(settings: dict[str, str | int]) -> str:
-    """Return ``SETTINGS name = value, ...`` for an INSERT.
+def setting_list(settings: dict[str, str | int]) -> str:
+    """Return ``name = value, ...`` for the SETTINGS clause of an INSERT.
 
     Settings written into the statement cost nothing extra. Passed to clickhouse-connect
     instead, they make its chDB client run a SET before and after the query for each one.
     """
-    items = (
+    return ", ".join(
         f"{name} = {value if isinstance(value, int) else format_str(value)}"
         for name, value in settings.items()
     )
-    return "SETTINGS " + ", ".join(items)
 
 
 def schema_text() -> str:
@@ -148,7 +147,7 @@ def traces_select(batch: EncodedBatch, source: str, settings: str = "") -> str:
     """Return ``INSERT INTO traces SELECT ...`` reading the batch from ``source``.
 
     ``source`` is ``file_source`` or ``input_source`` of ``TRACE_STRUCTURE``; ``settings``
-    is empty or a ``settings_clause``.
+    is empty or a ``setting_list``.
     """
     expressions = {name: name for name in TRACE_COLUMNS}
     expressions.update(
@@ -166,7 +165,7 @@ def traces_select(batch: EncodedBatch, source: str, settings: str = "") -> str:
     )
     selected = ", ".join(expressions[name] for name in TRACE_COLUMNS)
     return (
-        f"INSERT INTO traces ({', '.join(TRACE_COLUMNS)}) {settings}"
+        f"INSERT INTO traces ({', '.join(TRACE_COLUMNS)}) {_settings_clause(settings)}"
         f" SELECT {selected} FROM (SELECT *, {_MODE} AS _mode,"
         f" if(body_limit = 0, {batch.default_body_limit}, body_limit) AS _limit,"
         f" {_cost(batch)} AS _cost FROM {source})"
@@ -177,7 +176,7 @@ def steps_select(batch: EncodedBatch, source: str, settings: str = "") -> str:
     """Return ``INSERT INTO trace_steps SELECT ...`` reading the batch from ``source``.
 
     ``source`` is ``file_source`` or ``input_source`` of ``STEP_STRUCTURE``; ``settings``
-    is empty or a ``settings_clause``.
+    is empty or a ``setting_list``.
     """
 
     def step(field: str) -> str:
@@ -197,11 +196,15 @@ def steps_select(batch: EncodedBatch, source: str, settings: str = "") -> str:
     )
     selected = ", ".join(expressions[name] for name in STEP_COLUMNS)
     return (
-        f"INSERT INTO trace_steps ({', '.join(STEP_COLUMNS)}) {settings}"
+        f"INSERT INTO trace_steps ({', '.join(STEP_COLUMNS)}) {_settings_clause(settings)}"
         f" SELECT {selected} FROM (SELECT trace_id, proxy_id, start_unix_nano, steps,"
         f" {_MODE} AS _mode, if(body_limit = 0, {batch.default_body_limit}, body_limit) AS _limit"
         f" FROM {source}) ARRAY JOIN steps AS _step"
     )
+
+
+def _settings_clause(settings: str) -> str:
+    return f"SETTINGS {settings}" if settings else ""
 
 
 def file_source(path: Path, structure: str) -> str:

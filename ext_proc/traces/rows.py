@@ -60,10 +60,10 @@ _TRACES_TAG = b"\x0a"
 
 @dataclass(frozen=True)
 class TraceChunk:
-    """Traces as the bytes of an ExportRequest, with what a batch needs to know of them.
+    """Traces as the bytes of an ExportRequest, with the counts and models a batch needs.
 
     The collector keeps the bytes an exporter sent and passes them on to ClickHouse
-    unchanged unless the scrubber's byte check (``needs_scrub``) found something.
+    unchanged, unless the scrubber's byte check (``needs_scrub``) matched.
     """
 
     payload: bytes
@@ -104,7 +104,7 @@ class RowBuilder:
     def chunk(
         self, traces: Sequence[trace_pb2.Trace], payload: bytes | None = None
     ) -> TraceChunk:
-        """Describe ``traces``, whose ExportRequest bytes are ``payload`` when given."""
+        """Return the chunk of ``traces``, whose ExportRequest bytes are ``payload`` if given."""
         if payload is None:
             payload = export_request_bytes(traces)
         return TraceChunk(
@@ -112,7 +112,7 @@ class RowBuilder:
             trace_count=len(traces),
             step_count=sum(len(trace.steps) for trace in traces),
             models=frozenset(trace.model_served or trace.model for trace in traces),
-            # One scan over the whole chunk; most chunks hold nothing to remove.
+            # One scan over the whole chunk, because most chunks contain nothing to remove.
             needs_scrub=self.scrubber.might_change_bytes(payload),
         )
 

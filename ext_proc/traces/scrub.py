@@ -34,19 +34,33 @@ _SECRET_HINT = re.compile(
     r"[xsAgBb](?:e_|k-|KIA|Iza|sk_|h[pousr]_|ithub_pat_|ox[abprs]-|[Ee][Aa][Rr][Ee][Rr]\s)"
 )
 _DASHED_PAIR = re.compile(r"-\d\d-")
-# Hints on UTF-8 bytes that match wherever a secret, email or SSN pattern could match.
-# Each starts with a literal byte, which lets the regex engine skip ahead quickly over a
-# whole batch. "\s" after "bearer" is dropped because it would miss Unicode spaces, and an
-# SSN digit may be any multi-byte character because Python's \d takes Unicode digits.
-_DIGIT_BYTES = rb"(?:[0-9]|[\xc0-\xf7][\x80-\xbf]{1,3})"
-_SECRET_BYTES = (
+# The byte check runs on a folded copy of the UTF-8 data: ASCII letters lowercased, ASCII
+# digits and the first byte of each multi-byte character turned into "0", and the other
+# bytes of multi-byte characters removed. The secret, email and SSN patterns are made of
+# ASCII characters and digits (Python's \d takes any Unicode digit, which folds to "0"),
+# so each hint below matches the folded copy wherever such a pattern could match the
+# original. Folding only adds matches, which are allowed. Each hint starts with a literal,
+# which lets the regex engine skip ahead quickly.
+def _folded_byte(byte: int) -> int:
+    if byte >= 0xC0 or ord("0") <= byte <= ord("9"):
+        return ord("0")
+    return ord(chr(byte).lower()) if byte < 0x80 else byte
+
+
+_FOLD = bytes(_folded_byte(byte) for byte in range(256))
+_FOLD_DROP = bytes(range(0x80, 0xC0))
+_FOLDED_HINTS = (
     re.compile(rb"_(?:(?<=xe_)|(?<=sk_)|(?<=gh[pousr]_)|(?<=_pat_))"),
-    re.compile(rb"-(?:(?<=sk-)|(?<=xox[abprs]-))"),
-    re.compile(rb"A(?:KIA|Iza)"),
+    re.compile(rb"sk-"),
+    re.compile(rb"xox[abprs]-"),
+    re.compile(rb"bearer"),
 )
+# Searched in the original data, because "a" is too common a byte to start a hint on the
+# folded copy.
+_AWS_GOOGLE_BYTES = re.compile(rb"A(?:KIA|Iza)")
 # "@" also occurs in binary framing, so an address character must come before it.
-_EMAIL_BYTES = re.compile(rb"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]{1,63}\.[A-Za-z]{2}")
-_SSN_BYTES = re.compile(rb"-" + _DIGIT_BYTES + rb"{2}-" + _DIGIT_BYTES + rb"{4}")
+_EMAIL_FOLDED = re.compile(rb"@(?<=[a-z0._%+-]@)[a-z0-]{1,63}\.[a-z]{2}")
+_SSN_FOLDED = re.compile(rb"-00-0000")
 
 
 def _has_email_hint(text: str) -> bool:
@@ -94,13 +108,14 @@ class Scrubber:
         """
         if self.pii_kinds - _PII_HINTS.keys():
             return True
-        if any(pattern.search(data) for pattern in _SECRET_BYTES):
+        if _AWS_GOOGLE_BYTES.search(data):
             return True
-        if b"bearer" in data.lower():
+        folded = data.translate(_FOLD, _FOLD_DROP)
+        if any(pattern.search(folded) for pattern in _FOLDED_HINTS):
             return True
-        if "email" in self.pii_kinds and _EMAIL_BYTES.search(data):
+        if "email" in self.pii_kinds and _EMAIL_FOLDED.search(folded):
             return True
-        return "ssn" in self.pii_kinds and _SSN_BYTES.search(data) is not None
+        return "ssn" in self.pii_kinds and _SSN_FOLDED.search(folded) is not None
 
     def scrub(self, text: str) -> str:
         if not text:

@@ -47,7 +47,18 @@ class TraceStore:
         self.reader = reader
         self.description = description
         self.embedded = embedded
-        self._format_settings = insert_sql.format_schema_settings()
+        # Quoting the schema text is slow enough to show in a profile, so it is done once.
+        self._fixed_settings = insert_sql.setting_list(
+            {
+                **insert_sql.format_schema_settings(),
+                # Synchronous distributed inserts carry the token to the shards of a
+                # cluster (deploy/clickhouse/cluster.sql); plain tables ignore the setting.
+                "insert_distributed_sync": 1,
+                # The bloom filter indexes are built when parts are merged, which rebuilds
+                # them anyway; building them at insert too took about a third of its CPU.
+                "materialize_skip_indexes_on_insert": 0,
+            }
+        )
 
     @classmethod
     def open(
@@ -109,18 +120,8 @@ class TraceStore:
             self.client.command(f"{sql} FORMAT ProtobufList", data=batch.payload)
 
     def _settings(self, token: str) -> str:
-        return insert_sql.settings_clause(
-            {
-                **self._format_settings,
-                "insert_deduplication_token": token,
-                # Synchronous distributed inserts carry the token to the shards of a
-                # cluster (deploy/clickhouse/cluster.sql); plain tables ignore the setting.
-                "insert_distributed_sync": 1,
-                # The bloom filter indexes are built when parts are merged, which rebuilds
-                # them anyway; building them at insert too took about a third of its CPU.
-                "materialize_skip_indexes_on_insert": 0,
-            }
-        )
+        token_setting = insert_sql.setting_list({"insert_deduplication_token": token})
+        return f"{self._fixed_settings}, {token_setting}"
 
     def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:
         """Run ``sql`` read-only with server-side bound ``parameters``."""
