@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import socket
-from collections import OrderedDict
+from collections import deque
 from pathlib import Path
 
 import grpc
@@ -55,13 +55,14 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
     def __init__(self, writer: TraceWriter, spool: Spool) -> None:
         self.writer = writer
         self.spool = spool
-        self._recent_ids: OrderedDict[str, None] = OrderedDict()
+        self._recent_ids: set[str] = set()
+        self._recent_order: deque[str] = deque()
 
-    def _remember(self, traces) -> None:
-        for trace in traces:
-            self._recent_ids[trace.trace_id] = None
-        while len(self._recent_ids) > RECENT_TRACE_IDS:
-            self._recent_ids.popitem(last=False)
+    def _remember(self, ids: list[str]) -> None:
+        self._recent_ids.update(ids)
+        self._recent_order.extend(ids)
+        while len(self._recent_order) > RECENT_TRACE_IDS:
+            self._recent_ids.discard(self._recent_order.popleft())
 
     async def Export(self, payload: bytes, context):
         # Export is registered without a request parser (see _handler), so the bytes the
@@ -70,7 +71,12 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
             traces = trace_pb2.ExportRequest.FromString(payload).traces
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an ExportRequest")
-        fresh = [trace for trace in traces if trace.trace_id not in self._recent_ids]
+        ids = [trace.trace_id for trace in traces]
+        if self._recent_ids.isdisjoint(ids):
+            fresh = traces
+        else:
+            fresh = [trace for trace, id_ in zip(traces, ids) if id_ not in self._recent_ids]
+            ids = [trace.trace_id for trace in fresh]
         if fresh:
             # The byte check for secrets runs here, while the writer thread waits on an
             # insert, rather than in the writer's critical path.
@@ -85,7 +91,7 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "trace collector backlog is full; retry later",
                 )
-            self._remember(fresh)
+            self._remember(ids)
         return trace_pb2.ExportResponse(accepted=len(traces))
 
     async def Query(self, request, context):
