@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -147,7 +148,7 @@ class _Collector:
         self.log_path = home / "collector.log"
         self.socket_path = collector_socket_path(home)
 
-    def __enter__(self) -> _Collector:
+    def __enter__(self) -> Self:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT

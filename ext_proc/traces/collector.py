@@ -234,6 +234,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="traces per insert")  # fmt: skip
     parser.add_argument("--flush-interval", type=float, default=WriterSettings().flush_interval_s,
                         help="seconds a trace may wait for its batch to fill")  # fmt: skip
+    parser.add_argument("--idle-flush", type=float, default=WriterSettings().idle_flush_s,
+                        help="write a partial batch once no trace has arrived for this many seconds")  # fmt: skip
     parser.add_argument("--shutdown-deadline", type=float, default=5.0,
                         help="seconds to write queued traces at shutdown before spooling them")  # fmt: skip
     return parser.parse_args(argv)
@@ -256,7 +258,9 @@ async def _main(args: argparse.Namespace) -> None:
             pii_kinds=pii,
             default_body_limit=args.body_limit,
             writer_settings=WriterSettings(
-                batch_size=args.batch_size, flush_interval_s=args.flush_interval
+                batch_size=args.batch_size,
+                flush_interval_s=args.flush_interval,
+                idle_flush_s=args.idle_flush,
             ),
             shutdown_deadline_s=args.shutdown_deadline,
         )

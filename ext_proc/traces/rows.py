@@ -101,9 +101,7 @@ class RowBuilder:
         self.scrubber = scrubber
         self.default_body_limit = default_body_limit or DEFAULT_BODY_LIMIT
 
-    def chunk(
-        self, traces: Sequence[trace_pb2.Trace], payload: bytes | None = None
-    ) -> TraceChunk:
+    def chunk(self, traces: Sequence[trace_pb2.Trace], payload: bytes | None = None) -> TraceChunk:
         """Return the chunk of ``traces``, whose ExportRequest bytes are ``payload`` if given."""
         if payload is None:
             payload = export_request_bytes(traces)

@@ -34,6 +34,8 @@ _SECRET_HINT = re.compile(
     r"[xsAgBb](?:e_|k-|KIA|Iza|sk_|h[pousr]_|ithub_pat_|ox[abprs]-|[Ee][Aa][Rr][Ee][Rr]\s)"
 )
 _DASHED_PAIR = re.compile(r"-\d\d-")
+
+
 # The byte check runs on a folded copy of the UTF-8 data: ASCII letters lowercased, ASCII
 # digits and the first byte of each multi-byte character turned into "0", and the other
 # bytes of multi-byte characters removed. The secret, email and SSN patterns are made of
