@@ -3,9 +3,8 @@
 Measures, on the embedded chDB store in a temporary home folder:
 
 1. ``TraceExporter.submit`` cost in microseconds per call;
-2. the collector write path in-process: a ``TraceWriter`` (scrub check and encoding of
-   each batch, overlapped with the ProtobufList insert of the previous one) in trace rows
-   per second;
+2. the collector write path in-process: ``TraceWriter.submit`` (encoding and scrub check
+   of the traces) and the writer's ProtobufList inserts, in trace rows per second;
 3. end to end: exporters in this process send over the Unix socket to a collector
    subprocess, timed until the collector reports every trace written;
 4. with ``--rate R --seconds S``: exporters submit R traces per second for S seconds, as
