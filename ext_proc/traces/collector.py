@@ -70,7 +70,9 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
         try:
             traces = trace_pb2.ExportRequest.FromString(payload).traces
         except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not an ExportRequest")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "invalid ExportRequest: the bytes do not parse"
+            )
         ids = [trace.trace_id for trace in traces]
         if self._recent_ids.isdisjoint(ids):
             fresh = traces

@@ -2,10 +2,10 @@
 
 ``submit`` only appends to a deque, so the request path pays for no I/O. A flush task on
 the worker's event loop sends a batch when ``batch_size`` traces are waiting, or when the
-oldest waiting trace or the previous send is ``flush_interval`` seconds old: steady traffic
-is sent in batches, a lone trace at once. While the collector is down the batch stays
-queued and is retried with exponential backoff. Traces are dropped only when the
-queue holds ``max_queue`` of them, or when ``shutdown`` runs out of time.
+oldest waiting trace or the previous send is ``flush_interval`` seconds old. So steady
+traffic is sent in batches and a lone trace at once. While the collector is down the batch
+stays queued and is retried with exponential backoff. Traces are dropped only when the
+queue contains ``max_queue`` of them, or when ``shutdown`` runs out of time.
 """
 
 from __future__ import annotations
