@@ -326,3 +326,43 @@ def test_export_sent_twice_is_written_once(collector):
 
     assert len(collector.query("SELECT trace_id FROM traces WHERE trace_id = {id:String}",
                                id=trace.trace_id)) == 1
+
+
+def test_mixed_export_scrubs_only_dirty_traces(collector):
+    clean = [simple_trace(index, messages=f"plain text {index}") for index in range(3)]
+    dirty = simple_trace(9, messages=f"key {SECRETS[0]} mail {EMAIL}")
+    export_and_wait(collector, [clean[0], dirty, *clean[1:]])
+
+    stored = read_trace(collector, dirty.trace_id)
+    assert SECRETS[0] not in stored["messages"]
+    assert EMAIL not in stored["messages"]
+    assert "[REDACTED_SECRET]" in stored["messages"]
+    for index, trace in enumerate(clean):
+        assert read_trace(collector, trace.trace_id)["messages"] == f"plain text {index}"
+        assert len(read_steps(collector, trace.trace_id)) == 1
+
+
+def test_partly_resent_export_writes_new_traces(collector):
+    first = simple_trace(0)
+    export_and_wait(collector, [first])
+    second = simple_trace(1)
+
+    assert collector.export([first, second]) == 2
+    export_and_wait(collector, [simple_trace(2)])
+
+    rows = collector.query(
+        "SELECT trace_id FROM traces WHERE trace_id IN ({a:String}, {b:String})",
+        a=first.trace_id,
+        b=second.trace_id,
+    )
+    assert sorted(row["trace_id"] for row in rows) == sorted([first.trace_id, second.trace_id])
+    assert len(read_steps(collector, second.trace_id)) == 1
+
+
+def test_idle_flush_writes_partial_batch(tmp_path):
+    # The flush interval alone would hold the trace for longer than the wait below.
+    with CollectorProcess(tmp_path, "--flush-interval", "600", "--idle-flush", "0.2") as process:
+        trace = simple_trace()
+        assert process.export([trace]) == 1
+        process.wait_drained(1, timeout=60)
+        assert len(read_steps(process, trace.trace_id)) == 1

@@ -98,3 +98,21 @@ def test_submit_after_shutdown_is_dropped(tmp_path):
     counters = asyncio.run(scenario())
     assert counters.queued == 0
     assert counters.dropped == 1
+
+
+def test_lone_trace_sent_before_flush_interval(tmp_path):
+    with CollectorProcess(tmp_path) as collector:
+
+        async def scenario():
+            exporter = TraceExporter(collector.socket_path, batch_size=1000, flush_interval=600)
+            exporter.start()
+            exporter.submit(simple_trace())
+            # Counted before shutdown, because shutdown sends whatever is queued.
+            await wait_for(lambda: exporter.counters.sent == 1)
+            counters = exporter.counters
+            await exporter.shutdown(deadline_s=10)
+            return counters
+
+        counters = asyncio.run(scenario())
+        assert counters.sent == 1
+        assert counters.pending == 0

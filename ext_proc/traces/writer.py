@@ -99,7 +99,7 @@ class TraceWriter:
         self._deadline = float("inf")
         self._oldest_pending_at = 0.0
         self._newest_pending_at = 0.0
-        self._last_batch_at = 0.0
+        self._last_batch_at = float("-inf")
         self._retry_at = 0.0
         self._retry_delay = settings.retry_min_s
         self._last_error_log: dict[str, float] = {}
@@ -124,13 +124,15 @@ class TraceWriter:
             if self._stopping or self._pending_count + count > self.settings.max_pending:
                 raise PendingFull
             self._newest_pending_at = time.monotonic()
-            if not self._pending:
+            first = not self._pending
+            if first:
                 self._oldest_pending_at = self._newest_pending_at
             self._pending.extend(chunks)
             self._pending_count += count
             self.counters.queued += count
             self.counters.pending = self._pending_count
-            if self._pending_count >= self.settings.batch_size:
+            # The first chunk sets a flush time, which can be sooner than the writer's wait.
+            if first or self._pending_count >= self.settings.batch_size:
                 self._condition.notify()
 
     def call(self, function: Callable[[TraceStore], object]) -> concurrent.futures.Future:
