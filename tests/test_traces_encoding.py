@@ -26,7 +26,7 @@ FRAGMENTS = [
     "bearer", "BEARER", " ", "\u00a0", "\u2003", "\t", "@", ".", "-", "_", "example", "com",
     "a.b", "123", "45", "6789", "\u0661\u0662\u0663", "\u0664\u0665", "\u0666\u0667\u0668\u0669",
     "2024-07-18", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOP", "0123456789", "é", "😀",
-    "\x00", "\n", "Q",
+    "\x00", "\n", "Q", "x.", ".1", "-",
 ]  # fmt: skip
 
 
@@ -46,6 +46,9 @@ def random_texts(count: int) -> list[str]:
     "text",
     [
         "mail bob@example.com now",
+        "mail jane@mx.a.example.com now",
+        "mail jane@corp.1and1.com now",
+        "ab@c.d.ef",
         "key sk-abcdefghijklmnopqrstuv",
         "Bearer\u00a0abcdefghijk",
         "ssn \u0661\u0662\u0663-\u0664\u0665-\u0666\u0667\u0668\u0669",

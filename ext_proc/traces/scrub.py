@@ -60,8 +60,10 @@ _FOLDED_HINTS = (
 # Searched in the original data, because "a" is too common a byte to start a hint on the
 # folded copy.
 _AWS_GOOGLE_BYTES = re.compile(rb"A(?:KIA|Iza)")
-# "@" also occurs in binary framing, so an address character must come before it.
-_EMAIL_FOLDED = re.compile(rb"@(?<=[a-z0._%+-]@)[a-z0-]{1,63}\.[a-z]{2}")
+# "@" also occurs in binary framing (inside doubles, say), so an address character must
+# come before it and a domain label and a dot after it. The next label may start with a
+# digit or be one letter long ("a@mx.1.example.com"), so only its first character is asked for.
+_EMAIL_FOLDED = re.compile(rb"@(?<=[a-z0._%+-]@)[a-z0-]{1,63}\.[a-z0-]")
 _SSN_FOLDED = re.compile(rb"-00-0000")
 
 
