@@ -367,7 +367,8 @@ def export_section(results) -> list[str]:
         "## Trace export",
         "",
         (
-            "`python -m ext_proc.traces.bench_export --traces 50000` "
+            "`python -m ext_proc.traces.bench_export --traces 50000`, then "
+            "`--rate 300 --seconds 10` for the collector's CPU at a steady rate "
             "(embedded chDB in a temporary home):"
         ),
         "",

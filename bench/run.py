@@ -42,6 +42,8 @@ TTFT_CHUNK_DELAY_MS = 5
 TTFT_SECONDS = 6.0
 TTFT_WARMUP_SECONDS = 1.0
 EXPORT_BENCH_TRACES = 50_000
+# Traces per second in the steady run: about what one worker serves at 8 clients.
+EXPORT_STEADY_RATE = 300
 CLIENTS = (1, 8)
 
 
@@ -212,15 +214,14 @@ def write_bodies(work_dir: Path) -> tuple[Path, Path]:
 
 
 def run_export_bench() -> list[str]:
-    """Run ext_proc.traces.bench_export and return its result lines."""
+    """Run ext_proc.traces.bench_export for throughput, then at a steady gateway-like rate."""
+    lines = _export_bench(["--traces", str(EXPORT_BENCH_TRACES)])
+    return lines + _export_bench(["--rate", str(EXPORT_STEADY_RATE), "--seconds", "10"])
+
+
+def _export_bench(arguments: list[str]) -> list[str]:
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ext_proc.traces.bench_export",
-            "--traces",
-            str(EXPORT_BENCH_TRACES),
-        ],
+        [sys.executable, "-m", "ext_proc.traces.bench_export", *arguments],
         check=False,
         env=child_environment(),
         capture_output=True,
