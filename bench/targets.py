@@ -26,6 +26,7 @@ from bench.processes import (
     resident_kib,
     wait_until,
 )
+from ext_proc.supervisor import GRPC_ENVIRONMENT
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ class NoopTarget:
             "no-op ext_proc",
             [sys.executable, "-m", "bench.noop_ext_proc", "--socket", str(socket_path)],
             work_dir / "noop.log",
+            # The floor runs with the gRPC settings `xenovia up` gives the gateway's workers.
+            dict(GRPC_ENVIRONMENT),
         )
         try:
             wait_until(socket_path.exists, "no-op ext_proc", [self.service])

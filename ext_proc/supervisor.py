@@ -29,6 +29,13 @@ STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 RESTART_WINDOW_SECONDS = 60.0
 _PR_SET_PDEATHSIG = 1
+# gRPC settings for the Python services, unless the environment already sets them. These
+# experiment switches of gRPC 1.85 turn off its EventEngine listener and endpoints. On two
+# cores under make bench's load this cut a worker's CPU per request by about 12% and the
+# gateway's p50 by about 0.25 ms, measured with and without them in back-to-back runs.
+GRPC_ENVIRONMENT = {
+    "GRPC_EXPERIMENTS": "-event_engine_listener,-event_engine_for_all_other_endpoints",
+}
 MAX_RESTARTS_PER_WINDOW = 5
 
 
@@ -73,7 +80,7 @@ class GatewayProcesses:
         self.restarts: dict[str, list[float]] = {}
 
     def _child_environment(self) -> dict[str, str]:
-        environment = dict(os.environ)
+        environment = {**GRPC_ENVIRONMENT, **os.environ}
         environment.pop("RUST_BACKTRACE", None)
         environment["XENOVIA_HOME"] = str(self.home)
         return environment
