@@ -302,11 +302,16 @@ class Exchange:
         self.status = 200
         self.finished = True
         self.is_health_check = True
-        body = json.dumps({
+        health = {
             "status": "ok",
             "proxies": len(self.gateway.registry.proxies),
             "registry_version": self.gateway.watcher.version,
-        }).encode()
+        }
+        if self.gateway.watcher.error:
+            # The gateway still serves, with the last registry that loaded; changes made
+            # since (revoked keys included) are not in force until the files load again.
+            health["registry_error"] = self.gateway.watcher.error
+        body = json.dumps(health).encode()
         return msgs.immediate_reply(200, body, self.trace_headers(), "health")
 
     # Request body: session, request-stage policy, redaction, stream usage.

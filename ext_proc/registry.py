@@ -7,6 +7,9 @@ reported and the last good registry stays in force.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -27,6 +30,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("request", "response")
 STREAM_POLICY_MODES = ("hold", "live")
 BODY_MODES = ("full", "metadata", "none")
+# Held by every CLI change to the registry files, beside the config and secrets folders.
+REGISTRY_LOCK_NAME = ".registry.lock"
 POLICY_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_BODY_LIMIT = 16384
 
@@ -203,6 +208,8 @@ class RegistryWatcher:
         self.version = ""
         self._signature: tuple | None = None
         self._failed_signature: tuple | None = None
+        # Why the files on disk are not in force, or "" when they are.
+        self.error = ""
 
     def poll(self) -> bool:
         """Reload if any file changed; return True when a new registry took effect."""
@@ -213,12 +220,14 @@ class RegistryWatcher:
             registry = load_registry(self.home)
         except RegistryError as exc:
             self._failed_signature = signature
+            self.error = str(exc)
             logger.error("registry reload failed, keeping the previous one: %s", exc)
             return False
         self.registry = registry
         self.version = _version_of(signature)
         self._signature = signature
         self._failed_signature = None
+        self.error = ""
         logger.info(
             "registry loaded: %d proxies, %d keys, %d policies",
             len(registry.proxies),
@@ -256,15 +265,37 @@ def _files_signature(home: Path) -> tuple:
     return tuple(entries)
 
 
+def _locked(method):
+    """Run an editing method while holding the home's registry lock."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class RegistryEditor:
     """Change the registry files on behalf of the CLI.
 
-    NOTE: nothing locks the files between a read and the write, so two commands run at
-    the same time can lose one of their changes.
+    Each change reads, edits and writes the files under an exclusive lock on
+    ``<home>/.registry.lock``, so two commands run at the same time take turns instead of
+    one writing back a copy that undoes the other.
     """
 
     def __init__(self, home: Path) -> None:
         self.home = home
+
+    @contextlib.contextmanager
+    def _lock(self):
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / REGISTRY_LOCK_NAME, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def _proxies_doc(self) -> dict:
         return _read_json(home_paths.proxies_file(self.home), {"proxies": {}})
@@ -272,6 +303,7 @@ class RegistryEditor:
     def _keys_doc(self) -> dict:
         return _read_json(home_paths.keys_file(self.home), {"keys": {}})
 
+    @_locked
     def create_proxy(self, **fields) -> str:
         _check_proxy_name(fields["name"])
         parse_upstream_url(fields["upstream_url"])
@@ -284,6 +316,7 @@ class RegistryEditor:
         home_paths.write_json(home_paths.proxies_file(self.home), document)
         return proxy_id
 
+    @_locked
     def update_proxy(self, proxy_id: str, **fields) -> None:
         document = self._proxies_doc()
         entry = self._require_proxy(document, proxy_id)
@@ -293,6 +326,7 @@ class RegistryEditor:
         _parse_proxy(proxy_id, entry)
         home_paths.write_json(home_paths.proxies_file(self.home), document)
 
+    @_locked
     def delete_proxy(self, proxy_id: str) -> ProxyDeletion:
         """Delete a proxy, its policy files and its id from every key's proxies.
 
@@ -347,6 +381,7 @@ class RegistryEditor:
         proxies = self._proxies_doc().get("proxies", {})
         return [{"id": proxy_id, **entry} for proxy_id, entry in sorted(proxies.items())]
 
+    @_locked
     def create_key(self, proxy_ids: list[str], key_hash: str) -> str:
         proxies = self._proxies_doc().get("proxies", {})
         for proxy_id in proxy_ids:
@@ -364,6 +399,7 @@ class RegistryEditor:
         home_paths.write_json(home_paths.keys_file(self.home), document, mode=0o600)
         return key_id
 
+    @_locked
     def revoke_key(self, key_id: str) -> None:
         document = self._keys_doc()
         entry = document.get("keys", {}).get(key_id)
@@ -381,6 +417,7 @@ class RegistryEditor:
             for key_id, entry in sorted(keys.items())
         ]
 
+    @_locked
     def attach_policy(
         self, proxy_id: str, stage: str, name: str, source: str, sha256: str, dry_run: bool
     ) -> bool:
@@ -402,6 +439,7 @@ class RegistryEditor:
         home_paths.write_json(home_paths.proxies_file(self.home), document)
         return len(kept) == len(attached)
 
+    @_locked
     def detach_policy(self, proxy_id: str, stage: str, name: str | None) -> list[str]:
         """Detach the named policy, or every policy of the stage; return the names detached."""
         document = self._proxies_doc()

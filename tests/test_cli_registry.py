@@ -1,4 +1,4 @@
-"""`xenovia proxy delete` and `proxy update --name`, through the real CLI and gateway."""
+"""Registry edits through the real CLI and gateway: proxy delete and rename, parallel edits, health."""
 
 import json
 from pathlib import Path
@@ -185,3 +185,56 @@ def test_delete_help_says_traces_stay(tmp_path):
     result = run_cli(tmp_path, "proxy", "delete", "--help")
 
     assert "Traces already stored" in result.stdout
+
+
+def _create_proxy_in_child(home: str, index: int) -> str:
+    return RegistryEditor(Path(home)).create_proxy(
+        name=f"parallel-{index}", upstream_url="http://127.0.0.1:9/v1"
+    )
+
+
+def test_parallel_edits_keep_every_change(tmp_path):
+    # Each process reads proxies.json, adds one entry and writes the file back; without
+    # the registry lock, a process writing back an older copy drops the others' proxies.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        created = pool.starmap(_create_proxy_in_child, [(str(tmp_path), i) for i in range(24)])
+
+    assert sorted(proxies_document(tmp_path)) == sorted(created)
+    assert len(load_registry(tmp_path).proxies) == 24
+
+
+def _health(gateway) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{gateway.url}/healthz", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_for_health(gateway, predicate, timeout: float = 10.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        health = _health(gateway)
+        if predicate(health) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.1)
+
+
+def test_health_reports_registry_that_fails_to_load(gateway):
+    gateway.new_proxy("health-check")
+    proxies = home_paths.proxies_file(gateway.home)
+    good = proxies.read_bytes()
+    try:
+        home_paths.write_atomically(proxies, b"{not json")
+
+        broken = _wait_for_health(gateway, lambda health: "registry_error" in health)
+
+        assert broken["status"] == "ok"
+        assert "proxies.json" in broken["registry_error"]
+    finally:
+        home_paths.write_atomically(proxies, good)
+    restored = _wait_for_health(gateway, lambda health: "registry_error" not in health)
+    assert "registry_error" not in restored
