@@ -3,22 +3,39 @@
 import re
 from collections.abc import Callable
 
-__all__ = ["REDACTION_KINDS", "redact_json_strings", "redact_text"]
+__all__ = [
+    "JSON_ESCAPE_BEFORE",
+    "REDACTION_KINDS",
+    "decode_unicode_escapes",
+    "redact_json_strings",
+    "redact_text",
+]
 
 REDACTION_KINDS = frozenset({"email", "ssn"})
 
+# Look-behind alternatives that let a match start right after a JSON escape. Model text is
+# often JSON (tool arguments, stored messages), where a newline is the two characters "\n"
+# and a control character is "\u0001". The character before the value is then a letter or
+# hex digit, which the "not preceded by" checks would reject.
+JSON_ESCAPE_BEFORE = r'(?<=\\[nrtbf"/\\])|(?<=\\u[0-9A-Fa-f]{4})'
+
 # The look-behind lets a match start only at the beginning of a run of address characters,
 # so each run is scanned once and a long run of word characters, dots or @ signs stays
-# linear. The local part has no length limit: RFC 5321 allows 64 characters, but a reader
-# still sees a longer address, so it is redacted too.
+# linear. A run may also start after a JSON escape, but not on the escape's letter, so the
+# escape stays whole. The local part has no length limit: RFC 5321 allows 64 characters,
+# but a reader still sees a longer address, so it is redacted too.
 _EMAIL_RE = re.compile(
-    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}"
-    r"(?![A-Za-z0-9-])"
+    r"(?:(?<![A-Za-z0-9._%+-])(?!(?<=\\)(?:[nrtbf]|u[0-9A-Fa-f]{4}))|"
+    + JSON_ESCAPE_BEFORE
+    + r")[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])"
 )
 
 # US SSN as ddd-dd-dddd. The SSA never issues area 000, 666 or 900-999, group 00 or
 # serial 0000, so those are treated as other numbers (phone fragments, part numbers).
-_SSN_RE = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
+_SSN_RE = re.compile(
+    r"(?:(?<![\d-])|" + JSON_ESCAPE_BEFORE + r")"
+    r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"
+)
 
 
 def _redact_email(text: str) -> tuple[str, int]:
@@ -47,7 +64,41 @@ def _check_kinds(kinds: frozenset[str]) -> None:
         )
 
 
-def _redact(text: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
+# A maximal run of backslashes before "u" and four hex digits: one backslash is an escape in
+# JSON text, and more are the same escape inside JSON text nested in a JSON string (tool
+# arguments inside stored messages). A surrogate pair is decoded as one character.
+_UNICODE_ESCAPE_RE = re.compile(
+    r"(?<!\\)\\+u(?:([dD][89abAB][0-9A-Fa-f]{2})\\+u([dD][c-fC-F][0-9A-Fa-f]{2})"
+    r"|([0-9A-Fa-f]{4}))"
+)
+
+
+def _decoded_escape(match: re.Match) -> str:
+    high, low, single = match.groups()
+    if single is None:
+        return chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00)
+    code = int(single, 16)
+    # These must stay escaped for the text to remain valid JSON of the same meaning, and a
+    # lone surrogate cannot be encoded as UTF-8.
+    if code < 0x20 or code in (0x22, 0x5C) or 0xD800 <= code <= 0xDFFF:
+        return match.group()
+    return chr(code)
+
+
+def decode_unicode_escapes(text: str) -> str:
+    """Decode the JSON ``\\uXXXX`` escapes in ``text`` that JSON text does not need.
+
+    Escapes of ``"``, backslash, control characters and lone surrogates are kept, so valid
+    JSON text stays valid. A one-backslash escape keeps the value the same. A run of several
+    backslashes before ``u`` (an escape in JSON text nested in a JSON string) is decoded too,
+    which changes the outer string but not the value of the nested JSON text.
+    """
+    if "\\u" not in text:
+        return text
+    return _UNICODE_ESCAPE_RE.sub(_decoded_escape, text)
+
+
+def _redact_plain(text: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
     for kind in kinds:
         text, found = _REDACTORS[kind](text)
         if found:
@@ -55,16 +106,41 @@ def _redact(text: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
     return text
 
 
-def redact_text(text: str, kinds: frozenset[str]) -> tuple[str, dict[str, int]]:
+def _redact(text: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
+    text = _redact_plain(text, kinds, counts)
+    if "\\u" not in text:
+        return text
+    # A value written with escapes ("bob\u0040example.com") is the value itself to anyone
+    # who parses the JSON, so it is matched in a decoded copy. The decoded text is returned
+    # only when it had a match, so escapes in other text are left as they are.
+    decoded = decode_unicode_escapes(text)
+    if decoded == text:
+        return text
+    found: dict[str, int] = {}
+    redacted = _redact_plain(decoded, kinds, found)
+    if not found:
+        return text
+    for kind, count in found.items():
+        counts[kind] = counts.get(kind, 0) + count
+    return redacted
+
+
+def redact_text(
+    text: str, kinds: frozenset[str], decode_escapes: bool = True
+) -> tuple[str, dict[str, int]]:
     """
     Replace every match of the given kinds in `text` with `[REDACTED_EMAIL]` or `[REDACTED_SSN]`.
 
-    Returns the new text and the number of replacements per kind (kinds with no match are
-    left out). Raises ValueError for a kind outside REDACTION_KINDS.
+    With `decode_escapes`, a value hidden by JSON `\\uXXXX` escapes is found as well, and the
+    returned text then has those escapes decoded (see `decode_unicode_escapes`). Returns the
+    new text and the number of replacements per kind (kinds with no match are left out).
+    Raises ValueError for a kind outside REDACTION_KINDS.
     """
     _check_kinds(kinds)
     counts: dict[str, int] = {}
-    return _redact(text, kinds, counts), counts
+    if decode_escapes:
+        return _redact(text, kinds, counts), counts
+    return _redact_plain(text, kinds, counts), counts
 
 
 def redact_json_strings(value: object, kinds: frozenset[str]) -> tuple[object, dict[str, int]]:

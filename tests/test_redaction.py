@@ -1,6 +1,13 @@
+import json
+
 import pytest
 
-from ext_proc.redaction import REDACTION_KINDS, redact_json_strings, redact_text
+from ext_proc.redaction import (
+    REDACTION_KINDS,
+    decode_unicode_escapes,
+    redact_json_strings,
+    redact_text,
+)
 from ext_proc.sse import SseEvent, make_event
 from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 
@@ -102,6 +109,75 @@ def test_long_local_part_redacted():
 def test_long_run_before_at_sign_is_linear():
     text = "a" * 200_000 + "@" + "b" * 200_000 + " x.y@" * 1000
     assert redact_text(text, BOTH) == (text, {})
+
+
+# JSON text: escapes before a value, and values written with \uXXXX escapes.
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"line\nbob@example.com", r"line\n[REDACTED_EMAIL]"),
+        (r"\tbob@example.com", r"\t[REDACTED_EMAIL]"),
+        (r"say \"bob@example.com\"", r"say \"[REDACTED_EMAIL]\""),
+        (r"dir\\nbob@example.com", r"dir\\[REDACTED_EMAIL]"),
+        (r"\u0001bob@example.com", r"\u0001[REDACTED_EMAIL]"),
+        (r"\abob@example.com", r"\[REDACTED_EMAIL]"),
+        (r"\u0001123-45-6789", r"\u0001[REDACTED_SSN]"),
+        (r"\u000b123-45-6789", r"\u000b[REDACTED_SSN]"),
+        (r"ssn\n123-45-6789", r"ssn\n[REDACTED_SSN]"),
+    ],
+)
+def test_value_after_json_escape_redacted(text, expected):
+    assert redact_text(text, BOTH)[0] == expected
+
+
+def test_escaped_values_in_tool_arguments_redacted():
+    arguments = r'{"to":"bob\u0040example.com","ssn":"123\u002d45\u002d6789","n":"\u00e9"}'
+
+    redacted, counts = redact_text(arguments, BOTH)
+
+    assert counts == {"email": 1, "ssn": 1}
+    assert json.loads(redacted) == {"to": "[REDACTED_EMAIL]", "ssn": "[REDACTED_SSN]", "n": "é"}
+
+
+def test_escapes_kept_without_match():
+    text = r'{"sign":"\u0040","note":"caf\u00e9 \ud83d\ude00"}'
+    assert redact_text(text, BOTH) == (text, {})
+
+
+def test_escape_decoding_off():
+    text = r"bob\u0040example.com"
+    assert redact_text(text, BOTH, decode_escapes=False) == (text, {})
+
+
+def test_decoded_escapes_keep_json_valid():
+    text = r'{"a":"\u0022\u005c\u0001\ud800x\u0041\ud83d\ude00\\u0042"}'
+
+    decoded = decode_unicode_escapes(text)
+
+    assert decoded == r'{"a":"\u0022\u005c\u0001\ud800xA😀B"}'
+    assert json.loads(decoded)["a"] == '"\\\x01\ud800xA😀B'
+
+
+def test_nested_escape_in_json_string_redacted():
+    arguments = r'{"to":"bob\u0040example.com"}'
+    messages = json.dumps([{"tool_calls": [{"function": {"arguments": arguments}}]}])
+
+    redacted, counts = redact_text(messages, BOTH)
+
+    assert counts == {"email": 1}
+    inner = json.loads(redacted)[0]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(inner) == {"to": "[REDACTED_EMAIL]"}
+
+
+def test_escaped_value_in_parsed_json_redacted():
+    body = {"tool_calls": [{"function": {"arguments": r'{"to":"bob\u0040example.com"}'}}]}
+
+    redacted, counts = redact_json_strings(body, BOTH)
+
+    assert counts == {"email": 1}
+    assert redacted["tool_calls"][0]["function"]["arguments"] == '{"to":"[REDACTED_EMAIL]"}'
 
 
 # Streams: every text delta kind, with an address cut mid-word across events.
@@ -365,3 +441,46 @@ def test_responses_text_logprobs_dropped():
     for sent in (held, live):
         assert sent[0].json()["logprobs"] == []
         assert b"jane" not in sent_bytes(sent)
+
+
+ESCAPED_PIECES = ['{"to": "bob\\u00', '40example.com", "ssn": "123\\u002d45', '\\u002d6789"}']
+
+
+def tool_arguments(events: list[SseEvent]) -> str:
+    return "".join(
+        call["function"]["arguments"]
+        for event in events
+        if event.json()
+        for call in event.json()["choices"][0]["delta"].get("tool_calls") or []
+    )
+
+
+@pytest.mark.parametrize("mode", ["held", "live"])
+def test_split_escape_in_stream_redacted(mode):
+    events = [
+        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        for piece in ESCAPED_PIECES
+    ] + [chat_chunk({}, "tool_calls"), DONE]
+
+    if mode == "held":
+        sent, counts = redact_held_events("chat_completions", events, BOTH)
+    else:
+        redactor = LiveRedactor("chat_completions", BOTH)
+        sent = [out for event in events for out in redactor.redact(event)]
+        counts = redactor.counts
+
+    assert counts == {"email": 1, "ssn": 1}
+    arguments = json.loads(tool_arguments(sent))
+    assert arguments == {"to": "[REDACTED_EMAIL]", "ssn": "[REDACTED_SSN]"}
+    assert b"example.com" not in sent_bytes(sent)
+
+
+def test_live_escape_release_keeps_following_text():
+    pieces = ["mail bob\\u0040exa", "mple.com now ", "and more text"]
+    events = [chat_chunk({"content": piece}) for piece in pieces] + [chat_chunk({}, "stop")]
+
+    sent, redactor = run_live("chat_completions", events)
+
+    content = "".join(event.json()["choices"][0]["delta"].get("content") or "" for event in sent)
+    assert content == "mail [REDACTED_EMAIL] now and more text"
+    assert redactor.counts == {"email": 1}

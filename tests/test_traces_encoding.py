@@ -27,6 +27,9 @@ FRAGMENTS = [
     "a.b", "123", "45", "6789", "\u0661\u0662\u0663", "\u0664\u0665", "\u0666\u0667\u0668\u0669",
     "2024-07-18", "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOP", "0123456789", "é", "😀",
     "\x00", "\n", "Q", "x.", ".1", "-",
+    # JSON escapes as stored messages hold them, and the pieces of a split \uXXXX escape.
+    "\\n", "\\t", "\\r", "\\\\", '\\"', "\\/", "\\u0001", "\\u0040", "\\u002d", "\\u002D",
+    "\\u0020", "\\u0661", "\\ud83d\\ude00", "\\u00", "40", "2d", "\\\\u0040",
 ]  # fmt: skip
 
 
@@ -55,6 +58,15 @@ def random_texts(count: int) -> list[str]:
         "123-45-6789",
         "AKIAABCDEFGHIJKLMNOP",
         "xe_abcdefgh12",
+        "my key is\\nsk-proj-abcdefghijklmnopqrstuvwxyz012345",
+        "\\nBearer abcdefghijk",
+        "\\nxe_abcdefgh12",
+        "\\tsk-abcdefghijklmnopqrstuv",
+        "\\u0001123-45-6789",
+        "bob\\u0040example.com",
+        "123\\u002d45\\u002d6789",
+        "sk\\u002dabcdefghijklmnopqrstuv",
+        "Bearer\\u0020abcdefghijk",
     ],
 )
 def test_byte_hint_finds_each_kind(text):

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import re
 
-from ext_proc.redaction import REDACTION_KINDS, redact_text
+from ext_proc.redaction import (
+    JSON_ESCAPE_BEFORE,
+    REDACTION_KINDS,
+    decode_unicode_escapes,
+    redact_text,
+)
 
 SECRET_MARK = "[REDACTED_SECRET]"
 
 # Each alternative needs a run of key characters long enough that ordinary words
-# ("sk-learn", "xe_id") are left alone.
+# ("sk-learn", "xe_id") are left alone. A key may also start right after a JSON escape
+# ("\\n", "\\u0001"), because stored messages are JSON text.
 _SECRET_RE = re.compile(
-    r"(?<![A-Za-z0-9_-])(?:"
+    r"(?:(?<![A-Za-z0-9_-])|" + JSON_ESCAPE_BEFORE + r")(?:"
     r"xe_[A-Za-z0-9_-]{8,}"
     r"|sk-[A-Za-z0-9_-]{16,}"
     r"|AKIA[0-9A-Z]{16}"
@@ -27,7 +33,7 @@ _SECRET_RE = re.compile(
     r"|xox[abprs]-[A-Za-z0-9-]{10,}"
     r")"
 )
-_BEARER_RE = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+_BEARER_RE = re.compile(r"(?i)(?:\b|" + JSON_ESCAPE_BEFORE + r")(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
 # Cheap pre-checks, several times faster than the patterns above on text without a
 # match (the usual case): each matches wherever its pattern could start.
 _SECRET_HINT = re.compile(
@@ -65,6 +71,8 @@ _AWS_GOOGLE_BYTES = re.compile(rb"A(?:KIA|Iza)")
 # digit or be one letter long ("a@mx.1.example.com"), so only its first character is asked for.
 _EMAIL_FOLDED = re.compile(rb"@(?<=[a-z0._%+-]@)[a-z0-]{1,63}\.[a-z0-]")
 _SSN_FOLDED = re.compile(rb"-00-0000")
+# Any \uXXXX escape may hide part of a match, which ``scrub`` finds in a decoded copy.
+_UNICODE_ESCAPE_FOLDED = b"\\u"
 
 
 def _has_email_hint(text: str) -> bool:
@@ -102,7 +110,7 @@ class Scrubber:
 
     def finds_anything(self, text: str) -> bool:
         """Return whether ``scrub`` could change ``text``; false positives are allowed."""
-        return bool(_SECRET_HINT.search(text) or self._pii_hinted(text))
+        return bool(_SECRET_HINT.search(text) or self._pii_hinted(text) or "\\u" in text)
 
     def might_change_bytes(self, data: bytes) -> bool:
         """Return whether ``scrub`` could change a string inside UTF-8 ``data``.
@@ -115,6 +123,8 @@ class Scrubber:
         if _AWS_GOOGLE_BYTES.search(data):
             return True
         folded = data.translate(_FOLD, _FOLD_DROP)
+        if _UNICODE_ESCAPE_FOLDED in folded:
+            return True
         if any(pattern.search(folded) for pattern in _FOLDED_HINTS):
             return True
         if "email" in self.pii_kinds and _EMAIL_FOLDED.search(folded):
@@ -122,14 +132,29 @@ class Scrubber:
         return "ssn" in self.pii_kinds and _SSN_FOLDED.search(folded) is not None
 
     def scrub(self, text: str) -> str:
+        """Return ``text`` with secrets and PII replaced by marks.
+
+        A value hidden by JSON ``\\uXXXX`` escapes is found in a decoded copy, and then the
+        decoded text is returned (see ``redaction.decode_unicode_escapes``).
+        """
         if not text:
             return text
+        text = self._scrub_plain(text)
+        if "\\u" not in text:
+            return text
+        decoded = decode_unicode_escapes(text)
+        if decoded == text:
+            return text
+        scrubbed = self._scrub_plain(decoded)
+        return scrubbed if scrubbed != decoded else text
+
+    def _scrub_plain(self, text: str) -> str:
         if _SECRET_HINT.search(text):
             text = _SECRET_RE.sub(SECRET_MARK, text)
             text = _BEARER_RE.sub(_bearer_mark, text)
         kinds = self._pii_hinted(text)
         if kinds:
-            text, _ = redact_text(text, kinds)
+            text, _ = redact_text(text, kinds, decode_escapes=False)
         return text
 
     def _pii_hinted(self, text: str) -> frozenset[str]:
