@@ -37,6 +37,7 @@ class SseReassembler:
 
     def __init__(self) -> None:
         self._pending = b""
+        self._at_stream_start = True
 
     @property
     def pending(self) -> bytes:
@@ -44,6 +45,14 @@ class SseReassembler:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         buffer = self._pending + chunk if self._pending else chunk
+        if self._at_stream_start:
+            # The WHATWG event stream decoder strips one leading UTF-8 BOM, so clients read
+            # the first event's fields behind it. A BOM cut across chunks waits for its rest.
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                self._pending = buffer
+                return []
+            self._at_stream_start = False
+            buffer = buffer.removeprefix(_BOM)
         events = []
         start = 0
         for boundary in _EVENT_BOUNDARY.finditer(buffer):
@@ -53,6 +62,7 @@ class SseReassembler:
         return events
 
 
+_BOM = b"\xef\xbb\xbf"
 # Two line endings in a row; a CR counts alone only when no LF follows it.
 _LINE_END = rb"(?:\r\n|\r(?!\n)|\n)"
 _EVENT_BOUNDARY = re.compile(_LINE_END + _LINE_END)

@@ -80,6 +80,48 @@ def test_events_split_on_every_line_ending():
     assert [event.json() for event in events] == [{"a": 1}, {"b": 2}, {"c": 3}]
 
 
+BOM = "\ufeff".encode()
+STREAM = b'data: {"a": 1}\n\ndata: {"b": 2}\n\n'
+
+
+def test_leading_bom_stripped():
+    events = SseReassembler().feed(BOM + STREAM)
+
+    assert [event.json() for event in events] == [{"a": 1}, {"b": 2}]
+    assert events[0].raw == b'data: {"a": 1}\n\n'
+
+
+def test_bom_split_across_chunks_stripped():
+    for cut in range(1, len(BOM) + 1):
+        reassembler = SseReassembler()
+        data = BOM + STREAM
+
+        events = reassembler.feed(data[:cut]) + reassembler.feed(data[cut:])
+
+        assert [event.json() for event in events] == [{"a": 1}, {"b": 2}], cut
+
+
+def test_only_first_bom_stripped():
+    reassembler = SseReassembler()
+
+    first = reassembler.feed(BOM + BOM + STREAM)
+    later = reassembler.feed(BOM + STREAM)
+
+    assert [event.json() for event in first] == [None, {"b": 2}]
+    assert [event.json() for event in later] == [None, {"b": 2}]
+
+
+def test_stream_without_bom_unchanged():
+    reassembler = SseReassembler()
+
+    first = reassembler.feed(b"\xef")
+    rest = reassembler.feed(b"x\n\n" + STREAM)
+
+    assert first == []
+    assert [event.raw for event in rest][0] == b"\xefx\n\n"
+    assert [event.json() for event in rest][1:] == [{"a": 1}, {"b": 2}]
+
+
 def test_message_calls_with_same_index_both_kept():
     output = ModelOutput("chat_completions")
 
