@@ -24,6 +24,7 @@ from ext_proc import errors, policy, redaction
 from ext_proc.envoy_messages import Mutation
 from ext_proc.response_stream import StreamBodies
 from ext_proc.sse import ModelOutput, SseReassembler
+from ext_proc.stream_redaction import drop_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class ResponseHandler(StreamBodies):
         redacted, counts = redaction.redact_json_strings(document, decision.redact_fields)
         if not self._record_redaction(counts):
             return msgs.response_body_reply()
+        _drop_redacted_logprobs(document, redacted)
         self.output = ModelOutput(self.exchange.request_type)
         self.output.add_body(redacted)
         new_body = json.dumps(redacted, separators=(",", ":"), ensure_ascii=False).encode()
@@ -231,6 +233,22 @@ class ResponseHandler(StreamBodies):
         if self.exchange.policy_outcome in ("", "allow", "redact"):
             self.exchange.policy_outcome = "redact_response"
         return True
+
+
+def _drop_redacted_logprobs(original: dict, redacted: dict) -> None:
+    """Empty the token log probabilities of each choice that redaction changed.
+
+    Tokens repeat the text piece by piece ("bob", "@", "example"), so no pattern finds a value
+    in them. A body without ``choices`` (a Responses object) loses all of them.
+    """
+    before = original.get("choices")
+    after = redacted.get("choices")
+    if not isinstance(before, list) or not isinstance(after, list):
+        drop_logprobs(redacted)
+        return
+    for old_choice, new_choice in zip(before, after, strict=True):
+        if old_choice != new_choice:
+            drop_logprobs(new_choice)
 
 
 # Stands in for a response policy that does not compile, so that the answer is still

@@ -8,6 +8,7 @@ from ext_proc.redaction import (
     redact_json_strings,
     redact_text,
 )
+from ext_proc.response import _drop_redacted_logprobs
 from ext_proc.sse import SseEvent, make_event
 from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 
@@ -484,3 +485,38 @@ def test_live_escape_release_keeps_following_text():
     content = "".join(event.json()["choices"][0]["delta"].get("content") or "" for event in sent)
     assert content == "mail [REDACTED_EMAIL] now and more text"
     assert redactor.counts == {"email": 1}
+
+
+def buffered_choice(index: int, content: str) -> dict:
+    tokens = [
+        {"token": piece, "logprob": -0.1, "bytes": None, "top_logprobs": []}
+        for piece in content.split("@")
+    ]
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": content},
+        "logprobs": {"content": tokens, "refusal": None},
+        "finish_reason": "stop",
+    }
+
+
+def test_buffered_logprobs_dropped_per_redacted_choice():
+    body = {"choices": [buffered_choice(0, "mail bob@example.com"), buffered_choice(1, "plain")]}
+    redacted, counts = redact_json_strings(body, BOTH)
+
+    _drop_redacted_logprobs(body, redacted)
+
+    assert counts == {"email": 1}
+    assert redacted["choices"][0]["logprobs"] is None
+    assert redacted["choices"][1]["logprobs"] == body["choices"][1]["logprobs"]
+    assert body["choices"][0]["logprobs"]["content"][1]["token"] == "example.com"
+
+
+def test_buffered_responses_logprobs_dropped():
+    part = {"type": "output_text", "text": "mail bob@example.com", "logprobs": [{"token": "bob"}]}
+    body = {"object": "response", "output": [{"type": "message", "content": [part]}]}
+    redacted, _ = redact_json_strings(body, BOTH)
+
+    _drop_redacted_logprobs(body, redacted)
+
+    assert redacted["output"][0]["content"][0]["logprobs"] == []

@@ -648,3 +648,81 @@ def test_live_redaction_flushes_cut_stream():
     sent += redactor.flush()
 
     assert joined_content(sent) == "Write to [REDACTED_EMAIL] for"
+
+
+# Values behind JSON escapes: \uXXXX in tool arguments, and escapes before a key.
+
+ESCAPED_ARGUMENTS = r'{"to":"bob\u0040example.com","ssn":"123\u002d45\u002d6789"}'
+REDACTED_ARGUMENTS = {"to": "[REDACTED_EMAIL]", "ssn": "[REDACTED_SSN]"}
+
+
+def test_plain_escaped_tool_arguments_redacted(gateway, redacting):
+    raw = client_for(redacting["hold"]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_headers={"x-mock-tool-call": f"send_mail;{ESCAPED_ARGUMENTS}"},
+    )
+
+    call = raw.parse().choices[0].message.tool_calls[0]
+    assert json.loads(call.function.arguments) == REDACTED_ARGUMENTS
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert trace["redacted_kinds"] == ["email", "ssn"]
+    assert "example.com" not in json.dumps(trace, default=str)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_escaped_tool_arguments_redacted(redacting, mode):
+    stream = client_for(redacting[mode]).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"x-mock-tool-call": f"send_mail;{ESCAPED_ARGUMENTS}"},
+    )
+
+    joined = "".join(call.function.arguments or "" for call in tool_deltas(list(stream)))
+
+    assert json.loads(joined) == REDACTED_ARGUMENTS
+
+
+@pytest.fixture(scope="module")
+def full_bodies(gateway):
+    return gateway.new_proxy("full-bodies", "--body-mode", "full")
+
+
+def test_trace_scrubs_escaped_tool_arguments(gateway, full_bodies):
+    raw = client_for(full_bodies).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_headers={"x-mock-tool-call": f"send_mail;{ESCAPED_ARGUMENTS}"},
+    )
+
+    call = raw.parse().choices[0].message.tool_calls[0]
+    assert json.loads(call.function.arguments)["to"] == "bob@example.com"
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    stored = json.dumps(trace, default=str)
+    assert "example.com" not in stored
+    assert "u002d6789" not in stored
+    assert "[REDACTED_EMAIL]" in stored
+
+
+def test_trace_scrubs_secrets_after_escapes(gateway, full_bodies):
+    secrets = [
+        "sk-proj-abcdefghijklmnopqrstuvwxyz012345",
+        "Bearer tok_abcdefghijklmnop",
+        "xe_" + "k" * 24,
+        "sk-tabbedabcdefghijklmnopqrstu",
+    ]
+    content = (
+        f"my key is\n{secrets[0]}\n{secrets[1]}\n{secrets[2]}\t{secrets[3]} ssn\x01123-45-6789"
+    )
+    raw = client_for(full_bodies).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}]
+    )
+
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    stored = json.dumps(trace, default=str)
+    for secret in secrets:
+        assert secret.split()[-1] not in stored, secret
+    assert "123-45-6789" not in stored
+    assert "[REDACTED_SSN]" in trace["messages"]
+    assert trace["messages"].count("[REDACTED_SECRET]") == 4
