@@ -118,7 +118,7 @@ def test_stream_without_bom_unchanged():
     rest = reassembler.feed(b"x\n\n" + STREAM)
 
     assert first == []
-    assert [event.raw for event in rest][0] == b"\xefx\n\n"
+    assert rest[0].raw == b"\xefx\n\n"
     assert [event.json() for event in rest][1:] == [{"a": 1}, {"b": 2}]
 
 
