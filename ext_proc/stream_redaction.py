@@ -172,6 +172,19 @@ def drop_logprobs(value: object) -> bool:
     return changed
 
 
+def redact_outside_choices(data: dict, kinds: frozenset[str]) -> dict[str, int]:
+    """Redact, in place, every string of a chat chunk that is not under ``choices``.
+
+    An ``error`` object sent as a stream event, for one, carries the provider's message
+    there. Returns the replacements per kind.
+    """
+    counts: dict[str, int] = {}
+    for name in [name for name in data if name != "choices"]:
+        data[name], found = redaction.redact_json_strings(data[name], kinds)
+        _add_counts(counts, found)
+    return counts
+
+
 def _add_counts(total: dict[str, int], found: dict[str, int]) -> None:
     for kind, count in found.items():
         total[kind] = total.get(kind, 0) + count
@@ -204,9 +217,13 @@ def redact_held_events(
                 event_changed = True
         if request_type == "responses" and not slots:
             parsed[position], found = redaction.redact_json_strings(data, kinds)
-            if found:
-                _add_counts(counts, found)
-                event_changed = True
+        elif request_type != "responses":
+            found = redact_outside_choices(data, kinds)
+        else:
+            found = {}
+        if found:
+            _add_counts(counts, found)
+            event_changed = True
         changed.append(event_changed)
     if counts:
         changed = [drop_logprobs(data) or flag for data, flag in zip(parsed, changed, strict=True)]
@@ -293,6 +310,7 @@ class LiveRedactor:
     # Chat and legacy completions chunks.
 
     def _redact_chunk(self, event: SseEvent, data: dict) -> SseEvent:
+        _add_counts(self.counts, redact_outside_choices(data, self.kinds))
         self._chunk_fields = {
             name: data[name] for name in ("id", "object", "created", "model") if name in data
         }

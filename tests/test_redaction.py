@@ -520,3 +520,37 @@ def test_buffered_responses_logprobs_dropped():
     _drop_redacted_logprobs(body, redacted)
 
     assert redacted["output"][0]["content"][0]["logprobs"] == []
+
+
+def error_event() -> SseEvent:
+    return make_event({"error": {"message": "contact jane.doe@example.com", "type": "server_error"}})
+
+
+def test_held_error_event_redacted():
+    events = chat_stream("refusal") + [error_event(), DONE]
+
+    redacted, counts = redact_held_events("chat_completions", events, EMAIL_ONLY)
+
+    assert b"doe@exa" not in sent_bytes(redacted)
+    assert redacted[-2].json()["error"]["message"] == "contact [REDACTED_EMAIL]"
+    assert counts == {"email": 2}
+
+
+def test_live_error_event_redacted():
+    sent, redactor = run_live("chat_completions", chat_stream("refusal") + [error_event(), DONE])
+
+    assert b"doe@exa" not in sent_bytes(sent)
+    assert any(
+        (event.json() or {}).get("error", {}).get("message") == "contact [REDACTED_EMAIL]"
+        for event in sent
+    )
+    assert redactor.counts == {"email": 2}
+
+
+def test_top_level_chunk_field_redacted():
+    chunk = make_event({"id": "c1", "note": "from jane.doe@example.com", "choices": []})
+
+    redacted, counts = redact_held_events("chat_completions", [chunk, DONE], EMAIL_ONLY)
+
+    assert redacted[0].json()["note"] == "from [REDACTED_EMAIL]"
+    assert counts == {"email": 1}
