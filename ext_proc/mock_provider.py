@@ -12,6 +12,7 @@ Request headers select a scenario per request:
     x-mock-echo: 1                 reply with the text of the last user message
     x-mock-tool-call: NAME[;ARGS]  reply with a call of function NAME (ARGS: JSON text, default {})
     x-mock-status: CODE            fail with HTTP status CODE (300-599) and an OpenAI error body
+                                   (with x-mock-echo, its message quotes the last user message)
     x-mock-no-usage: 1             leave usage out (streams also lose their usage chunk)
     x-mock-delay-ms: N             wait N ms before the first byte
     x-mock-chunk-delay-ms: N       wait N ms between stream events
@@ -202,6 +203,15 @@ def _last_user_text(items: Any) -> str:
         if isinstance(item, dict) and item.get("role") == "user":
             return _text_of(item.get("content"))
     return ""
+
+
+def _echoed_text(raw: bytes) -> str:
+    """Return the last user message of a raw chat request, as an error message may quote it."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return ""
+    return _last_user_text(body.get("messages")) if isinstance(body, dict) else ""
 
 
 def _pick_answer(scenario: _Scenario, user_text: Callable[[], str]) -> str:
@@ -783,6 +793,8 @@ class MockProvider:
             return 404, _error_body(404, f"Invalid URL ({request.method} {path})")
         if scenario.status is not None:
             message = f"Mock provider error {scenario.status} requested by x-mock-status."
+            if scenario.echo:
+                message += f" Request: {_echoed_text(request.body)}"
             return scenario.status, _error_body(scenario.status, message)
         try:
             body = json.loads(request.body)

@@ -193,8 +193,16 @@ class ResponseHandler(StreamBodies):
                 error.get("code") or error.get("type") or "upstream_error"
             )
             self.exchange.error_message = str(error.get("message", ""))[:1024]
-            return msgs.response_body_reply()
+            kinds = self._error_redaction_kinds(str(error.get("message", "")))
+            redacted, counts = redaction.redact_json_strings(document, kinds)
+            if not self._record_redaction(counts):
+                return msgs.response_body_reply()
+            return self._replace_whole_body(
+                json.dumps(redacted, separators=(",", ":"), ensure_ascii=False).encode()
+            )
         text = body.decode("utf-8", "replace").strip()[:300]
+        text, counts = redaction.redact_text(text, self._error_redaction_kinds(text))
+        self._record_redaction(counts)
         if self.exchange.upstream_sent is None:
             # Envoy replied before the request reached the provider (a body over the
             # buffer limit gives 413), so this is not the provider's error.
@@ -215,6 +223,26 @@ class ResponseHandler(StreamBodies):
         mutation.set("content-length", str(len(new_body)))
         mutation.remove("content-encoding")
         return msgs.response_body_reply(mutation)
+
+    def _error_redaction_kinds(self, message: str) -> frozenset[str]:
+        """Return the kinds the response policy would redact from an answer saying ``message``.
+
+        A provider's error message can quote the request, so the response policy is evaluated
+        on it as the answer's content. Only its redaction is applied: a deny does not replace
+        the provider's status, and a policy that fails to compile or evaluate redacts every kind.
+        """
+        engine = self._response_engine() if self.exchange.proxy else None
+        if engine is None:
+            return frozenset()
+        if engine is _BROKEN_ENGINE:
+            return redaction.REDACTION_KINDS
+        output = {"content": message, "tool_calls": [], "finish_reason": "", "usage": None,
+                  "model": ""}  # fmt: skip
+        document = self.exchange.policy_input(
+            "response", output, engine.required_fields, engine.request_keys
+        )
+        decision = engine.evaluate(document)
+        return redaction.REDACTION_KINDS if decision.error else decision.redact_fields
 
     def _block_response(self, code: str, reason: str = "") -> msgs.ProcessingResponse:
         self.blocked = True

@@ -726,3 +726,43 @@ def test_trace_scrubs_secrets_after_escapes(gateway, full_bodies):
     assert "123-45-6789" not in stored
     assert "[REDACTED_SSN]" in trace["messages"]
     assert trace["messages"].count("[REDACTED_SECRET]") == 4
+
+
+@pytest.fixture(scope="module")
+def redacting_answers_only(gateway):
+    # No request-stage policy, so the provider receives the address and its error quotes it.
+    access = gateway.new_proxy("redact-errors")
+    assert gateway.attach(access.proxy_id, "response", REDACT_POLICY).returncode == 0
+    return access
+
+
+def test_provider_error_quoting_request_redacted(gateway, redacting_answers_only):
+    messages = [{"role": "user", "content": f"Mail {EMAIL} the report."}]
+    headers = {"x-mock-status": "400", "x-mock-echo": "1"}
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        client_for(redacting_answers_only).chat.completions.create(
+            model="gpt-4o-mini", messages=messages, extra_headers=headers
+        )
+
+    message = raised.value.body["message"]
+    assert EMAIL not in message
+    assert "Mail [REDACTED_EMAIL] the report." in message
+    trace_id = raised.value.response.headers["x-xenovia-trace-id"]
+    trace = wait_for_trace(gateway.home, trace_id)
+    assert trace["status"] == 400
+    assert trace["policy_outcome"] == "redact_response"
+    assert trace["redacted_kinds"] == ["email"]
+
+
+def test_provider_error_kept_without_response_policy(gateway):
+    access = gateway.new_proxy("errors-unredacted")
+    messages = [{"role": "user", "content": f"Mail {EMAIL} the report."}]
+    headers = {"x-mock-status": "400", "x-mock-echo": "1"}
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        client_for(access).chat.completions.create(
+            model="gpt-4o-mini", messages=messages, extra_headers=headers
+        )
+
+    assert EMAIL in raised.value.body["message"]
