@@ -187,9 +187,9 @@ class ProxyDeletion:
     """Changes made by ``RegistryEditor.delete_proxy``."""
 
     proxy_id: str
-    # Keys whose proxies listed the deleted proxy, and those of them, not revoked, that are
-    # now scoped to no proxy at all.
+    # Keys whose proxies listed the deleted proxy.
     updated_key_ids: list[str]
+    # Those of them, not revoked, that are now scoped to no proxy at all.
     keys_without_proxy: list[str]
     removed_policy_files: list[Path]
 
@@ -289,8 +289,15 @@ class RegistryEditor:
 
     @contextlib.contextmanager
     def _lock(self):
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.home / REGISTRY_LOCK_NAME, "a") as lock_file:
+        path = self.home / REGISTRY_LOCK_NAME
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            lock_file = open(path, "a")  # noqa: SIM115 - closed by the with statement below
+        except OSError as exc:
+            raise RegistryError(
+                f"failed to open the registry lock {path}: {exc}; it must be a writable file"
+            ) from exc
+        with lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield

@@ -118,7 +118,7 @@ class ResponseHandler(StreamBodies):
             return self._on_error_body(decoded)
         try:
             document = json.loads(decoded) if decoded else None
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         if isinstance(document, dict) and self.output is not None:
             self.output.add_body(document)
@@ -179,7 +179,7 @@ class ResponseHandler(StreamBodies):
         """Pass OpenAI-shaped provider errors through; wrap anything else in that shape."""
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             document = None
         error = document.get("error") if isinstance(document, dict) else None
         if isinstance(error, dict) and error.get("type") == errors.GATEWAY_ERROR:
@@ -193,16 +193,19 @@ class ResponseHandler(StreamBodies):
                 error.get("code") or error.get("type") or "upstream_error"
             )
             self.exchange.error_message = str(error.get("message", ""))[:1024]
-            kinds = self._error_redaction_kinds(str(error.get("message", "")))
+            # The whole body, not only the message, since any of its fields can quote the request.
+            kinds = self._error_redaction_kinds(body.decode("utf-8", "replace"))
             redacted, counts = redaction.redact_json_strings(document, kinds)
             if not self._record_redaction(counts):
                 return msgs.response_body_reply()
             return self._replace_whole_body(
                 json.dumps(redacted, separators=(",", ":"), ensure_ascii=False).encode()
             )
-        text = body.decode("utf-8", "replace").strip()[:300]
+        text = body.decode("utf-8", "replace").strip()
+        # Redacted before it is cut, so that no value is left half-matched at the cut.
         text, counts = redaction.redact_text(text, self._error_redaction_kinds(text))
         self._record_redaction(counts)
+        text = text[:300]
         if self.exchange.upstream_sent is None:
             # Envoy replied before the request reached the provider (a body over the
             # buffer limit gives 413), so this is not the provider's error.
@@ -225,21 +228,20 @@ class ResponseHandler(StreamBodies):
         return msgs.response_body_reply(mutation)
 
     def _error_redaction_kinds(self, message: str) -> frozenset[str]:
-        """Return the kinds the response policy would redact from an answer saying ``message``.
+        """Return the kinds the response policy redacts from output whose content is ``message``.
 
-        A provider's error message can quote the request, so the response policy is evaluated
-        on it as the answer's content. Only its redaction is applied: a deny does not replace
-        the provider's status, and a policy that fails to compile or evaluate redacts every kind.
+        A provider's error body can quote the request, so the response policy is evaluated
+        on it. Only its redaction is applied: a deny keeps the provider's status. A policy that
+        fails to compile or evaluate redacts every kind.
         """
         engine = self._response_engine() if self.exchange.proxy else None
         if engine is None:
             return frozenset()
         if engine is _BROKEN_ENGINE:
             return redaction.REDACTION_KINDS
-        output = {"content": message, "tool_calls": [], "finish_reason": "", "usage": None,
-                  "model": ""}  # fmt: skip
+        output = ModelOutput(self.exchange.request_type, content_parts=[message])
         document = self.exchange.policy_input(
-            "response", output, engine.required_fields, engine.request_keys
+            "response", output.as_input(), engine.required_fields, engine.request_keys
         )
         decision = engine.evaluate(document)
         return redaction.REDACTION_KINDS if decision.error else decision.redact_fields

@@ -22,7 +22,8 @@ class SseEvent:
             return None
         try:
             value = json.loads(self.data)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Nested too deeply counts as unreadable, which fails closed under a policy.
             return None
         return value if isinstance(value, dict) else None
 

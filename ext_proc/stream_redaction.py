@@ -64,8 +64,8 @@ def choices_of(data: dict) -> list[dict]:
 def choice_slots(choice: dict) -> list[Slot]:
     """Return the text slots of one choice, keyed ``("choice", index, path)``.
 
-    The path leads from the choice to the string; inside a list (``tool_calls``) it names
-    the item by its ``index`` field, which is how clients join the fragments of one call.
+    The path leads from the choice to the string. Inside a list (``tool_calls``) it names
+    the item by its ``index`` field, because clients join the fragments of one call by it.
     """
     index = choice.get("index", 0)
     delta = choice.get("delta")
@@ -173,14 +173,21 @@ def drop_logprobs(value: object) -> bool:
 
 
 def redact_outside_choices(data: dict, kinds: frozenset[str]) -> dict[str, int]:
-    """Redact, in place, every string of a chat chunk that is not under ``choices``.
+    """Redact, in place, every string of a chat chunk that is not inside a choice object.
 
     An ``error`` object sent as a stream event, for one, carries the provider's message
     there. Returns the replacements per kind.
     """
     counts: dict[str, int] = {}
-    for name in [name for name in data if name != "choices"]:
-        data[name], found = redaction.redact_json_strings(data[name], kinds)
+    for name, value in list(data.items()):
+        if name == "choices" and isinstance(value, list):
+            # Choice objects are redacted by channel; anything else in the list is not a choice.
+            for position, item in enumerate(value):
+                if not isinstance(item, dict):
+                    value[position], found = redaction.redact_json_strings(item, kinds)
+                    _add_counts(counts, found)
+            continue
+        data[name], found = redaction.redact_json_strings(value, kinds)
         _add_counts(counts, found)
     return counts
 

@@ -144,3 +144,14 @@ def wait_for_redis(process: subprocess.Popen, url: str) -> None:
         pytest.fail(f"redis-server did not answer PING on {url} within 10 s")
     finally:
         client.close()
+
+
+def sse_payloads(body: bytes) -> list:
+    """Return the data of every SSE event in a body: parsed JSON, or the text for [DONE]."""
+    payloads = []
+    for event in body.decode().split("\n\n"):
+        lines = [line[6:] for line in event.splitlines() if line.startswith("data: ")]
+        if lines:
+            data = "\n".join(lines)
+            payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads

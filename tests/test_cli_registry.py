@@ -10,7 +10,7 @@ from gateway_harness import run_cli
 from openai import OpenAI
 
 from ext_proc import home as home_paths
-from ext_proc.registry import RegistryEditor, load_registry
+from ext_proc.registry import RegistryEditor, RegistryError, load_registry
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_POLICY = REPO / "policies" / "block_dangerous_tools.rego"
@@ -194,8 +194,8 @@ def _create_proxy_in_child(home: str, index: int) -> str:
 
 
 def test_parallel_edits_keep_every_change(tmp_path):
-    # Each process reads proxies.json, adds one entry and writes the file back; without
-    # the registry lock, a process writing back an older copy drops the others' proxies.
+    # Each process reads proxies.json, adds one entry and writes the file back. Without
+    # the registry lock, a process that writes back an older copy drops the others' proxies.
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(8) as pool:
@@ -238,3 +238,10 @@ def test_health_reports_registry_that_fails_to_load(gateway):
         home_paths.write_atomically(proxies, good)
     restored = _wait_for_health(gateway, lambda health: "registry_error" not in health)
     assert "registry_error" not in restored
+
+
+def test_lock_that_is_not_a_file_rejected(tmp_path):
+    (tmp_path / ".registry.lock").mkdir()
+
+    with pytest.raises(RegistryError, match="registry lock"):
+        RegistryEditor(tmp_path).create_proxy(name="x", upstream_url="http://127.0.0.1:9/v1")

@@ -554,3 +554,16 @@ def test_top_level_chunk_field_redacted():
 
     assert redacted[0].json()["note"] == "from [REDACTED_EMAIL]"
     assert counts == {"email": 1}
+
+
+@pytest.mark.parametrize("choices", ["jane.doe@example.com", [1, "jane.doe@example.com", None]])
+def test_malformed_choices_redacted(choices):
+    chunk = make_event({"id": "c1", "choices": choices})
+
+    held, held_counts = redact_held_events("chat_completions", [chunk, DONE], EMAIL_ONLY)
+    live, redactor = run_live("chat_completions", [chunk, DONE])
+
+    assert b"doe@exa" not in sent_bytes(held)
+    assert b"doe@exa" not in sent_bytes(live)
+    assert held_counts == {"email": 1}
+    assert redactor.counts == {"email": 1}

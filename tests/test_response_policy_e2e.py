@@ -1,13 +1,15 @@
 """Response-stage policies end to end: blocks and redaction of plain and streamed answers."""
 
+import http.server
 import json
+import threading
 import uuid
 from pathlib import Path
 
 import httpx2 as httpx
 import openai
 import pytest
-from conftest import wait_for_trace
+from conftest import sse_payloads, wait_for_trace
 from openai import OpenAI
 
 from ext_proc.sse import SseEvent, make_event
@@ -39,16 +41,6 @@ def raw_chat(access, headers, stream, messages=MESSAGES) -> httpx.Response:
     return httpx.post(
         access.base_url + "/chat/completions", headers=all_headers, json=payload, timeout=30
     )
-
-
-def sse_payloads(body: bytes) -> list:
-    payloads = []
-    for event in body.decode().split("\n\n"):
-        lines = [line[6:] for line in event.splitlines() if line.startswith("data: ")]
-        if lines:
-            data = "\n".join(lines)
-            payloads.append(data if data == "[DONE]" else json.loads(data))
-    return payloads
 
 
 def content_of(chunks) -> str:
@@ -736,33 +728,101 @@ def redacting_answers_only(gateway):
     return access
 
 
-def test_provider_error_quoting_request_redacted(gateway, redacting_answers_only):
+def provider_error_quoting_email(access) -> openai.BadRequestError:
+    """Return the error of a call whose provider fails with 400 and quotes the user message."""
     messages = [{"role": "user", "content": f"Mail {EMAIL} the report."}]
     headers = {"x-mock-status": "400", "x-mock-echo": "1"}
-
     with pytest.raises(openai.BadRequestError) as raised:
-        client_for(redacting_answers_only).chat.completions.create(
+        client_for(access).chat.completions.create(
             model="gpt-4o-mini", messages=messages, extra_headers=headers
         )
+    return raised.value
 
-    message = raised.value.body["message"]
+
+def test_provider_error_quoting_request_redacted(gateway, redacting_answers_only):
+    error = provider_error_quoting_email(redacting_answers_only)
+
+    message = error.body["message"]
     assert EMAIL not in message
     assert "Mail [REDACTED_EMAIL] the report." in message
-    trace_id = raised.value.response.headers["x-xenovia-trace-id"]
-    trace = wait_for_trace(gateway.home, trace_id)
+    trace = wait_for_trace(gateway.home, error.response.headers["x-xenovia-trace-id"])
     assert trace["status"] == 400
     assert trace["policy_outcome"] == "redact_response"
     assert trace["redacted_kinds"] == ["email"]
 
 
 def test_provider_error_kept_without_response_policy(gateway):
-    access = gateway.new_proxy("errors-unredacted")
-    messages = [{"role": "user", "content": f"Mail {EMAIL} the report."}]
-    headers = {"x-mock-status": "400", "x-mock-echo": "1"}
+    error = provider_error_quoting_email(gateway.new_proxy("errors-unredacted"))
 
+    assert EMAIL in error.body["message"]
+
+
+class _ErrorProvider(http.server.BaseHTTPRequestHandler):
+    """A provider that fails every call with 400 and the body the test puts in ``body``."""
+
+    body = b""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(400)
+        self.send_header("content-type", "text/plain")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def error_provider():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErrorProvider)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def error_proxy(gateway, error_provider, body: bytes, policy: Path):
+    """Return a proxy to ``error_provider``, failing with ``body``, with ``policy`` on responses."""
+    _ErrorProvider.body = body
+    base_url = f"http://127.0.0.1:{error_provider.server_address[1]}/v1"
+    access = gateway.new_proxy("raw-errors", upstream_url=base_url)
+    assert gateway.attach(access.proxy_id, "response", policy).returncode == 0
+    return access
+
+
+def error_message_through(gateway, error_provider, body: bytes, policy: Path) -> str:
+    access = error_proxy(gateway, error_provider, body, policy)
     with pytest.raises(openai.BadRequestError) as raised:
-        client_for(access).chat.completions.create(
-            model="gpt-4o-mini", messages=messages, extra_headers=headers
-        )
+        client_for(access).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    return raised.value.body["message"]
 
-    assert EMAIL in raised.value.body["message"]
+
+def test_text_error_redacted_before_cut(gateway, error_provider):
+    body = b"a" * 290 + b" 123-45-6789 and more text after the number"
+
+    message = error_message_through(gateway, error_provider, body, REDACT_POLICY)
+
+    assert "123-45-67" not in message
+    # The message is cut at 300 characters, which here falls inside the mark.
+    assert "[REDACTED" in message
+
+
+def test_error_fields_seen_by_policy(gateway, error_provider, tmp_path):
+    # The policy redacts only when the content it sees holds an "@", so it must see the
+    # whole body, not the message alone.
+    policy = tmp_path / "redact_when_at.rego"
+    policy.write_text(
+        'package xenovia.policy\n\nredact_fields := {"email"} if contains(input.output.content, "@")\n'
+    )
+    body = json.dumps({"error": {"message": "ok", "details": EMAIL}}).encode()
+
+    response = raw_chat(error_proxy(gateway, error_provider, body, policy), {}, stream=False)
+
+    assert response.status_code == 400
+    assert EMAIL not in response.text
+    assert response.json()["error"]["details"] == "[REDACTED_EMAIL]"

@@ -2,7 +2,7 @@
 
 import json
 
-from ext_proc.sse import ModelOutput, SseReassembler
+from ext_proc.sse import ModelOutput, SseEvent, SseReassembler
 
 
 def names(output: ModelOutput) -> list[str]:
@@ -163,3 +163,10 @@ def test_final_response_keeps_calls_seen_earlier():
         "status": "completed", "output": [{"type": "message", "content": [{"text": "hi"}]}]}})
 
     assert names(output) == ["drop_table"]
+
+
+def test_deeply_nested_event_unreadable():
+    data = '{"a":' * 5000 + '"x"' + "}" * 5000
+    event = SseEvent(f"data: {data}\n\n".encode(), data=data)
+
+    assert event.json() is None

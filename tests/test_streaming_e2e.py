@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
-from conftest import wait_for_trace
+from conftest import sse_payloads, wait_for_trace
 from openai import OpenAI
 
 from ext_proc.mock_provider import DEFAULT_ANSWER
@@ -41,17 +41,6 @@ def raw_stream(access, headers=None, body=None) -> httpx.Response:
 
 def content_of(chunks) -> str:
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
-
-
-def sse_payloads(body: bytes) -> list:
-    """Return the data of every SSE event in a body: parsed JSON, or the text for [DONE]."""
-    payloads = []
-    for event in body.decode().split("\n\n"):
-        lines = [line[6:] for line in event.splitlines() if line.startswith("data: ")]
-        if lines:
-            data = "\n".join(lines)
-            payloads.append(data if data == "[DONE]" else json.loads(data))
-    return payloads
 
 
 @pytest.fixture(scope="module")
