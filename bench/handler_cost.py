@@ -1,8 +1,8 @@
 """Time the gateway's own Python work for each ext_proc message of a call, without gRPC or Envoy.
 
-One ``Exchange`` per call receives the messages Envoy would send for a plain chat call
-(request headers, the buffered request body, response headers, the buffered response
-body) and then ``finish()`` builds and queues the trace, as when the gRPC stream ends.
+One ``Exchange`` per call receives the four messages Envoy sends for a plain chat call:
+request headers, the buffered request body, response headers and the buffered response
+body. Then ``finish()`` builds and queues the trace, as when the gRPC stream ends.
 The home has the bench policies attached at both stages and the default SQLite session
 store. The trace exporter is the real one, not started: ``submit()`` queues the trace,
 and the queue is emptied after every call, so no collector is needed.
@@ -44,7 +44,7 @@ SAMPLE_REQUEST = (
     Path(__file__).resolve().parent.parent / "policies" / "samples" / "request_chat.json"
 )
 PHASES = ("request headers", "request body", "response headers", "response body", "trace")
-# What the mock provider answers to a plain chat call: one short choice and usage.
+# The mock provider's reply to a plain chat call: one short choice and usage.
 ANSWER = {
     "id": "chatcmpl-bench",
     "object": "chat.completion",
@@ -156,7 +156,7 @@ async def _measure(
                 reply = await exchange.handle(message)
                 durations.append(clock() - began)
                 if reply.WhichOneof("response") == "immediate_response":
-                    raise RuntimeError(f"the gateway refused the call: {reply.immediate_response}")
+                    raise RuntimeError(f"the gateway rejected the call: {reply.immediate_response}")
             began = clock()
             exchange.finish(cancelled=False)
             durations.append(clock() - began)

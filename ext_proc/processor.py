@@ -360,8 +360,8 @@ class Exchange:
         if not decision.redact_fields:
             return False
         counts = {}
-        # The client keeps its own, unredacted copy of the history and resends it, so the
-        # session links of this answer are computed from the body as the client sent it.
+        # The client keeps its own unredacted copy of the history and resends it, so the
+        # session links of this response are computed from the body as the client sent it.
         client_body = dict(self.body)
         for name in ("messages", "input", "instructions", "prompt"):
             if name in self.body:

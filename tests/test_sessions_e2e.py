@@ -173,8 +173,8 @@ def test_policy_input_carries_resolved_session(gateway, tmp_path):
 
 
 def test_redacted_history_still_joins_turns(gateway, tmp_path):
-    # The provider sees the redacted history, but the client resends its own copy, so the
-    # answer must be linked to the history as the client sent it.
+    # The provider receives the redacted history, but the client resends its own copy, so
+    # the response must be linked to the history as the client sent it.
     access = gateway.new_proxy("session-redact")
     policy = tmp_path / "redact_email.rego"
     policy.write_text('package xenovia.policy\n\nredact_fields := {"email"}\n')
