@@ -148,6 +148,28 @@ def resident_kib(pid: int) -> int | None:
     return None
 
 
+def context_switches(pid: int) -> int | None:
+    """Return the context switches of all live threads of a process, or None when it is gone.
+
+    Voluntary switches (the thread waited, for a socket or a lock) and involuntary ones (the
+    scheduler took the core away) are added up. Threads that ended are not counted.
+    """
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(task / "status") as status:
+                for line in status:
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
 def children_of(pid: int) -> list[tuple[int, str]]:
     """Return (pid, command line) of the direct children of a process."""
     found = []

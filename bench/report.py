@@ -318,7 +318,7 @@ def cpu_section(results) -> list[str]:
         cells = [_fmt(by_role[role], 0) if role in by_role else "-" for role in roles]
         rows.append([target, call, str(clients), *cells, _fmt(sum(by_role.values()), 0)])
     header = ["System", "Call", "Clients", *(f"{role} us" for role in roles), "total us"]
-    return [
+    lines = [
         "## CPU time per request",
         "",
         (
@@ -329,6 +329,22 @@ def cpu_section(results) -> list[str]:
         ),
         "",
     ] + _table(header, rows)
+    switch_rows = []
+    for (target, call, clients), by_role in results.switches.items():
+        cells = [_fmt(by_role[role], 1) if role in by_role else "-" for role in roles]
+        switch_rows.append([target, call, str(clients), *cells, _fmt(sum(by_role.values()), 1)])
+    if switch_rows:
+        lines += [
+            "",
+            (
+                "Context switches per request in the same runs (voluntary and involuntary, all "
+                "threads, from /proc/<pid>/task/*/status). Each one is a thread that went to "
+                "sleep waiting, or was preempted, and had to be woken again:"
+            ),
+            "",
+        ]
+        lines += _table(["System", "Call", "Clients", *roles, "total"], switch_rows)
+    return lines
 
 
 def policy_section(results) -> list[str]:

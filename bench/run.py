@@ -23,7 +23,13 @@ from pathlib import Path
 
 from bench import handler_cost, policy_eval, report, ttft
 from bench.load import LoadResult, Request, run_wrk
-from bench.processes import REPO_ROOT, child_environment, cpu_seconds, resident_kib
+from bench.processes import (
+    REPO_ROOT,
+    child_environment,
+    context_switches,
+    cpu_seconds,
+    resident_kib,
+)
 from bench.targets import (
     NOOP_HEADERS_ONLY,
     NOOP_PHASE_VARIANTS,
@@ -57,6 +63,8 @@ class Results:
     memory_kib: dict[str, int] = field(default_factory=dict)
     # (target, call, clients) -> role -> CPU microseconds per request during the measured run.
     cpu_us: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
+    # The same keys -> role -> context switches per request (all threads of the role's PIDs).
+    switches: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
     trace_stats: TraceStats | None = None
     policy_timings: list[policy_eval.EvalTiming] = field(default_factory=list)
     export_lines: list[str] = field(default_factory=list)
@@ -92,12 +100,18 @@ class Bench:
             run_wrk(request, clients, self.warmup)
         pids = {**self.target_pids, "mock provider": [self.mock_pid]}
         before = _cpu_by_role(pids)
+        switches_before = _switches_by_role(pids)
         result = run_wrk(request, clients, self.duration)
         after = _cpu_by_role(pids)
+        switches_after = _switches_by_role(pids)
         self.results.load[(target, call, clients)] = result
         if result.requests:
             self.results.cpu_us[(target, call, clients)] = {
                 role: (after[role] - before[role]) / result.requests * 1e6 for role in pids
+            }
+            self.results.switches[(target, call, clients)] = {
+                role: (switches_after[role] - switches_before[role]) / result.requests
+                for role in pids
             }
         report.print_load_line(target, call, clients, result)
 
@@ -201,6 +215,12 @@ class Bench:
 
 def _cpu_by_role(pids: dict[str, list[int]]) -> dict[str, float]:
     return {role: sum(cpu_seconds(pid) or 0.0 for pid in group) for role, group in pids.items()}
+
+
+def _switches_by_role(pids: dict[str, list[int]]) -> dict[str, int]:
+    return {
+        role: sum(context_switches(pid) or 0 for pid in group) for role, group in pids.items()
+    }
 
 
 def write_bodies(work_dir: Path) -> tuple[Path, Path]:
