@@ -10,7 +10,8 @@ and inputs), told apart by event type and the item and index fields of the event
 Redaction fails closed for fields and events it was not written for:
 
 - every string in a chat delta is model text, except the fields ``role``, ``id``, ``type``
-  and ``name``, which identify a part or a tool;
+  and ``name``, which identify a part or a tool. Those, and every string of a choice
+  outside its delta (or outside its legacy ``text``), are redacted event by event;
 - every Responses event whose type ends in ``.delta`` and whose ``delta`` is a string is a
   channel, except base64 audio (``response.audio.delta``);
 - every other Responses event (``.done`` events, ``response.completed``, deltas whose
@@ -192,6 +193,48 @@ def redact_outside_choices(data: dict, kinds: frozenset[str]) -> dict[str, int]:
     return counts
 
 
+def redact_choice_rest(choice: dict, kinds: frozenset[str]) -> dict[str, int]:
+    """Redact, in place, the strings of a choice that no channel carries; return the counts.
+
+    These are the tool names, ids and roles inside the delta and every field beside the
+    delta or legacy ``text`` (a provider's own additions). Each is redacted within its own
+    event. ``logprobs`` are left to ``drop_logprobs``.
+    """
+    counts: dict[str, int] = {}
+    if isinstance(choice.get("delta"), dict):
+        channel_field = "delta"
+    elif isinstance(choice.get("text"), str):
+        channel_field = "text"
+    else:
+        channel_field = None
+    for name, value in list(choice.items()):
+        if name == "logprobs":
+            continue
+        if name == channel_field:
+            if name == "delta":
+                _add_counts(counts, _redact_metadata_fields(value, kinds))
+            continue
+        choice[name], found = redaction.redact_json_strings(value, kinds)
+        _add_counts(counts, found)
+    return counts
+
+
+def _redact_metadata_fields(value: object, kinds: frozenset[str]) -> dict[str, int]:
+    """Redact the strings under the names in _CHAT_METADATA_FIELDS, at any depth of a delta."""
+    counts: dict[str, int] = {}
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if name in _CHAT_METADATA_FIELDS and isinstance(item, str):
+                value[name], found = redaction.redact_text(item, kinds)
+                _add_counts(counts, found)
+            elif isinstance(item, (dict, list)):
+                _add_counts(counts, _redact_metadata_fields(item, kinds))
+    elif isinstance(value, list):
+        for item in value:
+            _add_counts(counts, _redact_metadata_fields(item, kinds))
+    return counts
+
+
 def _add_counts(total: dict[str, int], found: dict[str, int]) -> None:
     for kind, count in found.items():
         total[kind] = total.get(kind, 0) + count
@@ -226,6 +269,8 @@ def redact_held_events(
             parsed[position], found = redaction.redact_json_strings(data, kinds)
         elif request_type != "responses":
             found = redact_outside_choices(data, kinds)
+            for choice in choices_of(data):
+                _add_counts(found, redact_choice_rest(choice, kinds))
         else:
             found = {}
         if found:
@@ -329,6 +374,7 @@ class LiveRedactor:
                 index = choice.get("index", 0)
                 for key in [key for key in self._pending if key[1] == index]:
                     _put_at(choice, key[2], self._release(key, "", final=True))
+            _add_counts(self.counts, redact_choice_rest(choice, self.kinds))
         drop_logprobs(data)
         return make_event(data, event.event)
 

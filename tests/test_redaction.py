@@ -567,3 +567,62 @@ def test_malformed_choices_redacted(choices):
     assert b"doe@exa" not in sent_bytes(live)
     assert held_counts == {"email": 1}
     assert redactor.counts == {"email": 1}
+
+
+def tool_name_chunk(name: str) -> SseEvent:
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name}}
+    return chat_chunk({"role": "assistant", "tool_calls": [call]})
+
+
+def extra_field_chunk() -> SseEvent:
+    return chat_chunk({"content": "hi"}, message={"content": "copy to jane.doe@example.com"})
+
+
+@pytest.mark.parametrize("mode", ["held", "live"])
+def test_tool_name_redacted(mode):
+    events = [tool_name_chunk("mail_jane.doe@example.com"), chat_chunk({}, "tool_calls"), DONE]
+
+    if mode == "held":
+        sent, counts = redact_held_events("chat_completions", events, EMAIL_ONLY)
+    else:
+        sent, redactor = run_live("chat_completions", events)
+        counts = redactor.counts
+
+    call = sent[0].json()["choices"][0]["delta"]["tool_calls"][0]
+    assert call["function"]["name"] == "[REDACTED_EMAIL]"
+    assert call["id"] == "call_1"
+    assert counts == {"email": 1}
+
+
+@pytest.mark.parametrize("mode", ["held", "live"])
+def test_choice_field_beside_delta_redacted(mode):
+    events = [extra_field_chunk(), chat_chunk({}, "stop"), DONE]
+
+    if mode == "held":
+        sent, counts = redact_held_events("chat_completions", events, EMAIL_ONLY)
+    else:
+        sent, redactor = run_live("chat_completions", events)
+        counts = redactor.counts
+
+    choice = sent[0].json()["choices"][0]
+    assert choice["message"]["content"] == "copy to [REDACTED_EMAIL]"
+    # Live mode holds "hi" until the channel ends, so the content is read across events.
+    content = "".join(
+        choice["delta"].get("content") or ""
+        for event in sent
+        for choice in (event.json() or {}).get("choices") or []
+    )
+    assert content == "hi"
+    assert counts == {"email": 1}
+
+
+def test_legacy_choice_field_beside_text_redacted():
+    choice = {"index": 0, "text": "hello", "note": "jane.doe@example.com", "finish_reason": "stop"}
+    event = make_event({"id": "cmpl", "object": "text_completion", "choices": [choice]})
+
+    sent, redactor = run_live("completions", [event, DONE])
+
+    sent_choice = sent[0].json()["choices"][0]
+    assert sent_choice["note"] == "[REDACTED_EMAIL]"
+    assert sent_choice["text"] == "hello"
+    assert redactor.counts == {"email": 1}

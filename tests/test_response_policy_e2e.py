@@ -439,6 +439,23 @@ def test_streamed_tool_arguments_redacted(redacting, mode):
     assert json.loads(joined) == {"to": "[REDACTED_EMAIL]", "subject": "access"}
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_tool_name_redacted(redacting, mode):
+    response = raw_chat(
+        redacting[mode], {"x-mock-tool-call": f'notify_{EMAIL};{{"ok": true}}'}, stream=True
+    )
+
+    assert EMAIL.encode() not in response.content
+    payloads = sse_payloads(response.content)
+    names = [
+        call["function"].get("name")
+        for payload in payloads[:-1]
+        for call in payload["choices"][0]["delta"].get("tool_calls") or []
+        if call.get("function", {}).get("name")
+    ]
+    assert names == ["[REDACTED_EMAIL]"]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "held"])
 def test_gzip_answer_redacted(redacting, stream):
     response = raw_chat(
