@@ -606,7 +606,7 @@ def test_choice_field_beside_delta_redacted(mode):
 
     choice = sent[0].json()["choices"][0]
     assert choice["message"]["content"] == "copy to [REDACTED_EMAIL]"
-    # Live mode holds "hi" until the channel ends, so the content is read across events.
+    # Live mode keeps "hi" back until the channel ends, so the content is read across events.
     content = "".join(
         choice["delta"].get("content") or ""
         for event in sent
