@@ -111,6 +111,8 @@ class Exchange:
         self.provider_ms: float | None = None
         self.steps: list[tuple] = []
         self.response: ResponseHandler | None = None
+        # Stage -> the engine (None: no policy) or the PolicyUnavailable it raised, taken once.
+        self._engines: dict[str, object] = {}
 
     # Dispatch.
 
@@ -325,6 +327,7 @@ class Exchange:
 
         mutation = Mutation()
         changed = self._apply_request_policy()
+        self._take_response_engine()
         if self.fields.stream and self.request_type in ("chat_completions", "completions"):
             changed = self._request_stream_usage() or changed
         if changed:
@@ -385,6 +388,33 @@ class Exchange:
         self.stream_usage_injected = True
         return True
 
+    def policy_engine(self, stage: str) -> policy.PolicyEngine | None:
+        """Return the stage's engine as it was when this exchange first requested it.
+
+        Raises PolicyUnavailable, as Gateway.policy_engine does, on every later request too.
+        """
+        if stage not in self._engines:
+            try:
+                self._engines[stage] = self.gateway.policy_engine(self.proxy, stage)
+            except PolicyUnavailable as exc:
+                self._engines[stage] = exc
+        found = self._engines[stage]
+        if isinstance(found, PolicyUnavailable):
+            raise found
+        return found
+
+    def _take_response_engine(self) -> None:
+        """Take the response stage's engine once the request is let through.
+
+        A call in flight when its proxy's policies change, or the proxy is deleted, is then
+        governed by the policies it started with. A policy that does not compile is reported
+        when the response arrives.
+        """
+        try:
+            self.policy_engine("response")
+        except PolicyUnavailable:
+            pass
+
     def evaluate_policy(self, stage: str, output: dict | None):
         """Evaluate the proxy's policy for a stage and record the outcome; None when none is attached.
 
@@ -392,7 +422,7 @@ class Exchange:
         """
         began = time.perf_counter()
         try:
-            engine = self.gateway.policy_engine(self.proxy, stage)
+            engine = self.policy_engine(stage)
         except PolicyUnavailable as exc:
             rule_id = f"{exc.policy_name}.error"
             self._record_policy(stage, "deny", rule_id, str(exc), began)

@@ -85,7 +85,7 @@ class ResponseHandler(StreamBodies):
 
     def _response_engine(self):
         try:
-            return self.exchange.gateway.policy_engine(self.exchange.proxy, "response")
+            return self.exchange.policy_engine("response")
         except policy.PolicyCompileError:
             # evaluate_policy reports the compile error and denies when the body arrives.
             return _BROKEN_ENGINE

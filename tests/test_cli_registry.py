@@ -1,6 +1,8 @@
 """Registry edits through the real CLI and gateway: proxy delete and rename, parallel edits, health."""
 
+import concurrent.futures
 import json
+import time
 from pathlib import Path
 
 import openai
@@ -68,6 +70,30 @@ def test_deleted_proxy_rejects_old_key(gateway):
     assert "registry reload failed" not in gateway.log_tail(400)
     stored = gateway.traces("--proxy", doomed.proxy_id, "--limit", "100")
     assert trace_id in [row["trace_id"] for row in stored]
+
+
+def test_call_in_flight_keeps_its_policies(gateway):
+    doomed = gateway.new_proxy("in-flight")
+    assert gateway.attach(doomed.proxy_id, "response", RESPONSE_POLICY).returncode == 0
+    client = OpenAI(api_key=doomed.key, base_url=doomed.base_url, max_retries=0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # The provider replies after 3 s, and the proxy is deleted while the call waits.
+        call = pool.submit(
+            client.chat.completions.with_raw_response.create,
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            extra_headers={"x-mock-delay-ms": "3000"},
+        )
+        time.sleep(0.5)
+        gateway.change_registry("proxy", "delete", doomed.proxy_id)
+        assert not call.done()
+        response = call.result(timeout=30)
+
+    assert response.parse().choices[0].message.content == ANSWER
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["status"] == 200
+    assert trace["policy_outcome"] == "allow"
+    assert "does not compile" not in gateway.log_tail(200)
 
 
 def test_delete_removes_files_and_key_scopes(gateway):
