@@ -362,18 +362,16 @@ class Exchange:
             raise GatewayError(403, code, errors.POLICY_BLOCK_MESSAGE, errors.POLICY_VIOLATION)
         if not decision.redact_fields:
             return False
-        counts = {}
+        # Every string of the body reaches the provider (tool descriptions, `user`, metadata,
+        # a predicted output), so all of them are redacted, not only the conversation.
         # The client keeps its own unredacted copy of the history and resends it, so the
         # session links of this response are computed from the body as the client sent it.
-        client_body = dict(self.body)
-        for name in ("messages", "input", "instructions", "prompt"):
-            if name in self.body:
-                self.body[name], found = redaction.redact_json_strings(self.body[name], decision.redact_fields)
-                for kind, count in found.items():
-                    counts[kind] = counts.get(kind, 0) + count
+        client_body = self.body
+        redacted, counts = redaction.redact_json_strings(client_body, decision.redact_fields)
         found_kinds = {kind for kind, count in counts.items() if count}
         if not found_kinds:
             return False
+        self.body = redacted
         self.policy_outcome = "redact"
         self.redacted_kinds |= found_kinds
         self.client_body = client_body

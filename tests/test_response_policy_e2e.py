@@ -362,6 +362,40 @@ def test_request_redaction_hides_email_from_provider(gateway, redacting):
     assert EMAIL not in json.dumps(trace, default=str)
 
 
+def test_request_redaction_covers_every_body_field(gateway, redacting):
+    gateway.provider.reset()
+    ssn = "123-45-6789"
+    tool = {
+        "type": "function",
+        "function": {"name": "notify", "description": f"mails {EMAIL}", "parameters": {}},
+    }
+    payload = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "user": EMAIL,
+        "metadata": {"owner": EMAIL},
+        "prediction": {"type": "content", "content": f"SSN {ssn}"},
+        "tools": [tool],
+    }
+    headers = {"authorization": f"Bearer {redacting['hold'].key}"}
+
+    response = httpx.post(
+        redacting["hold"].base_url + "/chat/completions", headers=headers, json=payload, timeout=30
+    )
+
+    assert response.status_code == 200
+    seen = json.loads(gateway.provider.requests[-1]["body"])
+    assert EMAIL not in json.dumps(seen)
+    assert ssn not in json.dumps(seen)
+    assert seen["user"] == "[REDACTED_EMAIL]"
+    assert seen["metadata"] == {"owner": "[REDACTED_EMAIL]"}
+    assert seen["prediction"]["content"] == "SSN [REDACTED_SSN]"
+    assert seen["tools"][0]["function"]["description"] == "mails [REDACTED_EMAIL]"
+    assert seen["tools"][0]["function"]["name"] == "notify"
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["redacted_kinds"] == ["email", "ssn"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_request_redaction(gateway, redacting, mode):
     gateway.provider.reset()
