@@ -720,25 +720,43 @@ def _format_decision(decision: Decision, stage: str) -> str:
     return "\n".join(lines)
 
 
-def run_policy_test(path: str, input_doc: dict, stage: str) -> tuple[str, int]:
+EXIT_ALLOW = 0
+EXIT_BLOCK = 1
+EXIT_ERROR = 2
+
+
+def run_policy_test(path: str, input_doc: object, stage: str) -> tuple[str, int]:
     """
     Evaluate the policy file at `path` on one input document, as `xenovia policy test` does.
 
-    Returns printable text and an exit code: 0 for allow or redact, 1 for block, 2 when the
-    file cannot be read or does not compile. `input_doc["stage"]` defaults to `stage`.
+    Returns printable text and an exit code: EXIT_ALLOW (0) for allow or redact, EXIT_BLOCK (1)
+    for block, and EXIT_ERROR (2) with an error message when the file cannot be read or does
+    not compile, or the input document is not a JSON object the engine accepts.
+    `input_doc["stage"]` defaults to `stage`.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not isinstance(input_doc, dict):
+        return f"input document must be a JSON object, got {_json_type_name(input_doc)}", EXIT_ERROR
     try:
         with open(path, encoding="utf-8") as policy_file:
             source = policy_file.read()
     except (OSError, UnicodeDecodeError) as exc:
-        return f"cannot read {path}: {exc}", 2
+        return f"cannot read {path}: {exc}", EXIT_ERROR
     try:
         policy = compile_policy(source, os.path.basename(path).removesuffix(".rego"))
     except PolicyCompileError as exc:
-        return f"compile error: {exc}", 2
+        return f"policy does not compile: {exc}", EXIT_ERROR
 
     document = {"stage": stage, **input_doc}
     decision = PolicyEngine([(policy, False)], stage).evaluate(json.dumps(document))
-    return _format_decision(decision, stage), 1 if decision.denied else 0
+    if decision.rule_id == RULE_ID_INPUT_ERROR:
+        # The gateway blocks such a call (fails closed), but here the input file is at fault.
+        return f"invalid input document: {decision.error}", EXIT_ERROR
+    return _format_decision(decision, stage), EXIT_BLOCK if decision.denied else EXIT_ALLOW
+
+
+def _json_type_name(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

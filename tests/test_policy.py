@@ -3,8 +3,10 @@ import pathlib
 import threading
 
 import pytest
+from gateway_harness import run_cli
 
 from ext_proc.policy import (
+    EXIT_ERROR,
     CompiledPolicy,
     PolicyCompileError,
     PolicyEngine,
@@ -530,3 +532,64 @@ def test_request_keys_analysis(rule, keys):
     compiled = compile_policy(f"package xenovia.policy\n\n{rule}\n", "keys")
 
     assert compiled.request_keys == keys
+
+
+@pytest.mark.parametrize(
+    ("document", "kind"), [([1, 2], "an array"), ("text", "a string"), (None, "null")]
+)
+def test_run_policy_test_rejects_non_object(document, kind):
+    text, code = run_policy_test(str(POLICIES / "block_dangerous_tools.rego"), document, "request")
+
+    assert code == EXIT_ERROR
+    assert text == f"input document must be a JSON object, got {kind}"
+
+
+def test_run_policy_test_input_engine_rejects_is_error():
+    text, code = run_policy_test(
+        str(POLICIES / "block_dangerous_tools.rego"), {"limit": float("nan")}, "request"
+    )
+
+    assert code == EXIT_ERROR
+    assert text.startswith("invalid input document: ")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1,2]", "error: input document must be a JSON object, got an array"),
+        ("{bad", "is not valid JSON: Expecting property name"),
+        ('{"limit": NaN}', "is not valid JSON: NaN is not valid JSON"),
+        (None, "error: cannot read input document"),
+    ],
+)
+def test_policy_test_cli_input_errors(tmp_path, content, message):
+    input_path = tmp_path / "input.json"
+    if content is not None:
+        input_path.write_text(content)
+
+    result = run_cli(
+        tmp_path, "policy", "test", str(POLICIES / "block_dangerous_tools.rego"),
+        "--input", str(input_path), check=False,
+    )
+
+    assert result.returncode == EXIT_ERROR
+    assert result.stdout == ""
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_policy_test_cli_exit_codes_match_outcome(tmp_path):
+    policy_path = str(POLICIES / "block_dangerous_tools.rego")
+    blocked = tmp_path / "blocked.json"
+    blocked.write_text(json.dumps({"tool_names": ["delete_database"]}))
+    allowed = tmp_path / "allowed.json"
+    allowed.write_text(json.dumps({"tool_names": ["search_kb"]}))
+
+    block = run_cli(tmp_path, "policy", "test", policy_path, "--input", str(blocked), check=False)
+    allow = run_cli(tmp_path, "policy", "test", policy_path, "--input", str(allowed), check=False)
+
+    assert block.returncode == 1
+    assert block.stdout.startswith("outcome: block\n")
+    assert allow.returncode == 0
+    assert allow.stdout == "outcome: allow\n"
