@@ -177,16 +177,20 @@ def extract_fields(request_type: str, body: dict) -> RequestFields:
     fields = RequestFields(model=model if isinstance(model, str) else "")
     fields.stream = body.get("stream") is True
     if request_type == "chat_completions":
-        fields.messages = _chat_messages(body.get("messages"))
+        fields.messages = _chat_messages(body)
         # Legacy "functions" are tools too: providers that still accept them call them.
         fields.tools = _list(body.get("tools")) + _list(body.get("functions"))
-        fields.tool_names = _chat_tool_names(fields.tools)
+        fields.tool_names = _tool_names(fields.tools)
     elif request_type == "responses":
         fields.messages = _responses_messages(body)
         fields.tools = _list(body.get("tools"))
-        fields.tool_names = _responses_tool_names(fields.tools)
+        fields.tool_names = _tool_names(fields.tools)
     elif request_type == "completions":
-        fields.messages = [{"role": "user", "content": _text_of(body.get("prompt"))}]
+        fields.messages = _prompt_messages(body.get("prompt")) or [{"role": "user", "content": ""}]
+        if isinstance(body.get("suffix"), str):
+            fields.messages.append({"role": "user", "content": body["suffix"]})
+    elif request_type == "embeddings":
+        fields.messages = _prompt_messages(body.get("input"))
     for message in fields.messages:
         if message.get("role") in ("system", "developer"):
             fields.system_prompt = message.get("content", "")
@@ -199,7 +203,11 @@ def _list(value: Any) -> list:
 
 
 def _text_of(content: Any) -> str:
-    """Flatten OpenAI content (a string or a list of parts) to text."""
+    """Flatten OpenAI content (a string or a list of parts) to text.
+
+    A part contributes its ``text`` and its ``refusal``, whatever its type says, so that
+    text parts, refusal parts and summary parts are all read.
+    """
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -207,43 +215,88 @@ def _text_of(content: Any) -> str:
         for part in content:
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
+            elif isinstance(part, dict):
+                if isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                if isinstance(part.get("refusal"), str):
+                    parts.append(part["refusal"])
         return "\n".join(parts)
     return ""
 
 
-def _chat_messages(raw: Any) -> list[dict]:
+def _prompt_messages(prompt: Any) -> list[dict]:
+    """Map a completions prompt or an embeddings input to user messages.
+
+    The strings are joined into one message. A token array cannot be read as text without
+    the model's tokenizer, so each one becomes a message with empty content and the ids
+    under ``token_ids``.
+    """
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    items = _list(prompt)
+    if items and all(isinstance(item, int) for item in items):
+        return [{"role": "user", "content": "", "token_ids": items}]
     messages = []
-    for message in _list(raw):
-        if not isinstance(message, dict):
-            continue
-        entry = {"role": str(message.get("role", "")), "content": _text_of(message.get("content"))}
-        if isinstance(message.get("tool_calls"), list):
-            entry["tool_calls"] = message["tool_calls"]
-        if isinstance(message.get("tool_call_id"), str):
-            entry["tool_call_id"] = message["tool_call_id"]
-        messages.append(entry)
+    texts = [item for item in items if isinstance(item, str)]
+    if texts:
+        messages.append({"role": "user", "content": "\n".join(texts)})
+    for item in items:
+        if isinstance(item, list):
+            messages.append({"role": "user", "content": "", "token_ids": item})
     return messages
 
 
-def _chat_tool_names(tools: list) -> list[str]:
-    """Name function and custom tools by name, any other tool by its type."""
+def _chat_messages(body: dict) -> list[dict]:
+    messages = []
+    for message in _list(body.get("messages")):
+        if not isinstance(message, dict):
+            continue
+        content = _text_of(message.get("content"))
+        if isinstance(message.get("refusal"), str):
+            content = f"{content}\n{message['refusal']}" if content else message["refusal"]
+        entry = {"role": str(message.get("role", "")), "content": content}
+        if isinstance(message.get("tool_calls"), list):
+            entry["tool_calls"] = message["tool_calls"]
+        if isinstance(message.get("function_call"), dict):
+            # The legacy single call an assistant message may carry instead of tool_calls.
+            legacy = {"id": "", "type": "function", "function": message["function_call"]}
+            entry["tool_calls"] = [*entry.get("tool_calls", []), legacy]
+        if isinstance(message.get("tool_call_id"), str):
+            entry["tool_call_id"] = message["tool_call_id"]
+        messages.append(entry)
+    prediction = body.get("prediction")
+    if isinstance(prediction, dict) and "content" in prediction:
+        # Predicted output is text the model reads as a draft of its answer.
+        messages.append({"role": "assistant", "content": _text_of(prediction["content"])})
+    return messages
+
+
+def _tool_names(tools: list) -> list[str]:
+    """Name each tool by every name it carries, and by its type when that is not function or custom.
+
+    Every name the entry carries counts, whichever block its type selects, so that a provider
+    reading another block than the policy cannot call an unchecked tool. A built-in tool
+    (web_search, ...) is what its type says, even when it also carries a name. An MCP tool
+    adds every name in its allowed_tools list.
+    """
     names = []
     for tool in tools:
         if not isinstance(tool, dict):
             continue
-        # Every name the entry carries counts, whichever block its type selects, so that a
-        # provider reading another block than the policy cannot call an unchecked tool.
         found = [
             name
             for name in (_tool_name(tool.get("function")), _tool_name(tool.get("custom")), _tool_name(tool))
             if name
         ]
-        if found:
-            names.extend(dict.fromkeys(found))
-        elif isinstance(tool.get("type"), str):
-            names.append(tool["type"])
+        tool_type = tool.get("type")
+        if isinstance(tool_type, str) and (not found or tool_type not in ("function", "custom")):
+            found.append(tool_type)
+        names.extend(dict.fromkeys(found))
+        allowed = tool.get("allowed_tools")
+        if isinstance(allowed, dict):
+            allowed = allowed.get("tool_names")
+        if isinstance(allowed, list):
+            names.extend(name for name in allowed if isinstance(name, str))
     return names
 
 
@@ -253,59 +306,93 @@ def _tool_name(holder: Any) -> str | None:
     return None
 
 
-def _responses_tool_names(tools: list) -> list[str]:
-    """Name function and custom tools by name, built-in tools (web_search, ...) by type.
-
-    An MCP tool adds its type and every name in its allowed_tools list.
-    """
-    names = []
-    for tool in tools:
-        if not isinstance(tool, dict):
-            continue
-        if isinstance(tool.get("name"), str):
-            names.append(tool["name"])
-        elif isinstance(tool.get("type"), str):
-            names.append(tool["type"])
-        allowed = tool.get("allowed_tools")
-        if isinstance(allowed, dict):
-            allowed = allowed.get("tool_names")
-        if isinstance(allowed, list):
-            names.extend(name for name in allowed if isinstance(name, str))
-    return names
-
-
 def _responses_messages(body: dict) -> list[dict]:
     messages = []
     if isinstance(body.get("instructions"), str):
         messages.append({"role": "system", "content": body["instructions"]})
+    prompt = body.get("prompt")
+    if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):
+        # The provider substitutes these values into a stored prompt template.
+        text = _text_of(list(prompt["variables"].values()))
+        if text:
+            messages.append({"role": "user", "content": text})
     items = body.get("input")
     if isinstance(items, str):
         messages.append({"role": "user", "content": items})
         return messages
     for item in _list(items):
-        if not isinstance(item, dict):
-            continue
-        item_type = item.get("type", "message")
-        if item_type == "message" or "role" in item:
-            messages.append(
-                {"role": str(item.get("role", "user")), "content": _text_of(item.get("content"))}
-            )
-        elif item_type == "function_call_output":
-            messages.append(
-                {
-                    "role": "tool",
-                    "content": _text_of(item.get("output")),
-                    "tool_call_id": str(item.get("call_id", "")),
-                }
-            )
-        elif item_type == "function_call":
-            call = {
-                "id": str(item.get("call_id", "")),
-                "type": "function",
-                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
-            }
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        if isinstance(item, dict):
+            message = _responses_item_message(item)
+            if message is not None:
+                messages.append(message)
     return messages
+
+
+def _responses_item_message(item: dict) -> dict | None:
+    item_type = item.get("type", "message")
+    if item_type == "message":
+        return {"role": str(item.get("role", "user")), "content": _text_of(item.get("content"))}
+    if item_type in ("function_call_output", "custom_tool_call_output"):
+        return {
+            "role": "tool",
+            "content": _text_of(item.get("output")),
+            "tool_call_id": str(item.get("call_id", "")),
+        }
+    if item_type == "function_call":
+        call = {
+            "id": str(item.get("call_id", "")),
+            "type": "function",
+            "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
+        }
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    if item_type == "custom_tool_call":
+        call = {
+            "id": str(item.get("call_id", "")),
+            "type": "custom",
+            "custom": {"name": item.get("name", ""), "input": item.get("input", "")},
+        }
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    if item_type == "reasoning":
+        texts = (_text_of(item.get("summary")), _text_of(item.get("content")))
+        return {"role": "assistant", "content": "\n".join(text for text in texts if text)}
+    # Built-in tool calls, their outputs, item types added after this code was written and
+    # any item with unexpected keys: every string they carry counts, so that no text reaches
+    # the provider unchecked.
+    skipped = _IMAGE_RESULT_KEYS if item_type == "image_generation_call" else _NON_TEXT_KEYS
+    text = "\n".join(_strings_in(item, skipped))
+    if not text:
+        return None
+    if str(item_type).endswith("_output") and isinstance(item.get("call_id"), str):
+        return {"role": "tool", "content": text, "tool_call_id": item["call_id"]}
+    role = item.get("role")
+    return {"role": role if isinstance(role, str) else "assistant", "content": text}
+
+
+# Keys of Responses input items whose strings are identifiers, states or base64 data
+# (images, files, encrypted reasoning), never text the model reads.
+_NON_TEXT_KEYS = frozenset(
+    {"type", "id", "call_id", "role", "status", "encrypted_content", "image_url", "file_data", "file_id"}
+)
+# An image generation call's result is the base64 image.
+_IMAGE_RESULT_KEYS = _NON_TEXT_KEYS | {"result"}
+
+
+def _strings_in(item: dict, skipped: frozenset[str]) -> list[str]:
+    """Collect the strings of an item in document order, without recursion.
+
+    Values under a key in ``skipped`` are left out at any depth.
+    """
+    strings = []
+    pending: list[Any] = [item]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            strings.append(value)
+        elif isinstance(value, dict):
+            pending.extend(reversed([v for k, v in value.items() if k not in skipped]))
+        elif isinstance(value, list):
+            pending.extend(reversed(value))
+    return strings
 
 
 def flatten(document: Any, prefix: str = "", out: dict | None = None) -> dict:
