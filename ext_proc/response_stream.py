@@ -162,11 +162,11 @@ class StreamBodies:
 
     def _evaluate_live(self, event: SseEvent) -> list[SseEvent]:
         """Return the events to send for ``event``: itself, redacted events, or an error event."""
-        if event.json() is None and not event.is_done_marker:
-            if event.data:
-                # A client may read data the gateway cannot, so it is not let through.
-                return [self._end_with_block(Decision(outcome="deny", error=_UNREADABLE))]
-            return [event]
+        if event.data and event.json() is None and not event.is_done_marker:
+            # A client may read data the gateway cannot, so it is not let through.
+            return [self._end_with_block(Decision(outcome="deny", error=_UNREADABLE))]
+        # An event without data (comment lines, an event name) is evaluated as well, because
+        # its text reaches the client and the policy may ask for redaction.
         decision = self._evaluate()
         self._merge_live_policy_steps()
         if decision is not None and decision.outcome == "deny":

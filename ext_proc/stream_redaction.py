@@ -17,7 +17,10 @@ Redaction fails closed for fields and events it was not written for:
 - every other Responses event (``.done`` events, ``response.completed``, deltas whose
   ``delta`` is an object) has all its strings redacted on their own;
 - token log probabilities repeat the text token by token, so no pattern can find a value
-  in them: they are emptied in held streams that had a replacement, and always in live mode.
+  in them: they are emptied in held streams that had a replacement, and always in live mode;
+- last, each event's bytes are redacted as text, which covers what the passes above do not
+  parse: comment lines, ``event:`` and ``id:`` values, strings in lists of a delta, and the
+  fields of a Responses delta event beside its ``delta``.
 
 NOTE: deltas whose ``delta`` is an object (``response.shell_call_output_content.delta``) are
 redacted one event at a time, so a value split across two of them is not found.
@@ -29,7 +32,7 @@ import copy
 from dataclasses import dataclass
 
 from ext_proc import redaction
-from ext_proc.sse import SseEvent, make_event
+from ext_proc.sse import SseEvent, make_event, parse_event
 
 # Delta events whose ``delta`` is not text, so they are not joined into channels.
 _RESPONSES_BINARY_DELTAS = frozenset({"response.audio.delta"})
@@ -235,6 +238,18 @@ def _redact_metadata_fields(value: object, kinds: frozenset[str]) -> dict[str, i
     return counts
 
 
+def redact_raw_event(event: SseEvent, kinds: frozenset[str]) -> tuple[SseEvent, dict[str, int]]:
+    """Redact an event's bytes as text; return it (a new event when changed) and the counts.
+
+    The replacement marks contain no quote or backslash, so JSON data stays valid.
+    """
+    text = event.raw.decode("utf-8", "replace")
+    redacted, found = redaction.redact_text(text, kinds)
+    if not found:
+        return event, found
+    return parse_event(redacted.encode()), found
+
+
 def _add_counts(total: dict[str, int], found: dict[str, int]) -> None:
     for kind, count in found.items():
         total[kind] = total.get(kind, 0) + count
@@ -279,10 +294,11 @@ def redact_held_events(
         changed.append(event_changed)
     if counts:
         changed = [drop_logprobs(data) or flag for data, flag in zip(parsed, changed, strict=True)]
-    out = [
-        make_event(data, event.event) if flag else event
-        for event, data, flag in zip(events, parsed, changed, strict=True)
-    ]
+    out = []
+    for event, data, flag in zip(events, parsed, changed, strict=True):
+        event, found = redact_raw_event(make_event(data, event.event) if flag else event, kinds)
+        _add_counts(counts, found)
+        out.append(event)
     return out, counts
 
 
@@ -330,13 +346,26 @@ class LiveRedactor:
         """Return the events to send in place of ``event``: itself redacted, maybe after released tails."""
         data = event.json()
         if data is None:
-            return self.flush() + [event] if event.is_done_marker else [event]
-        if self.request_type == "responses":
-            return self._redact_responses_event(event, data)
-        return [self._redact_chunk(event, data)]
+            out = self._flush_tails() + [event] if event.is_done_marker else [event]
+        elif self.request_type == "responses":
+            out = self._redact_responses_event(event, data)
+        else:
+            out = [self._redact_chunk(event, data)]
+        return self._redact_raw(out)
 
     def flush(self) -> list[SseEvent]:
         """Release every held tail as synthesized delta events."""
+        return self._redact_raw(self._flush_tails())
+
+    def _redact_raw(self, events: list[SseEvent]) -> list[SseEvent]:
+        out = []
+        for event in events:
+            event, found = redact_raw_event(event, self.kinds)
+            _add_counts(self.counts, found)
+            out.append(event)
+        return out
+
+    def _flush_tails(self) -> list[SseEvent]:
         if self.request_type == "responses":
             return [
                 event

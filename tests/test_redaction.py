@@ -9,7 +9,7 @@ from ext_proc.redaction import (
     redact_text,
 )
 from ext_proc.response import _drop_redacted_logprobs
-from ext_proc.sse import SseEvent, make_event
+from ext_proc.sse import SseEvent, make_event, parse_event
 from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 
 BOTH = frozenset({"email", "ssn"})
@@ -626,3 +626,60 @@ def test_legacy_choice_field_beside_text_redacted():
     assert sent_choice["note"] == "[REDACTED_EMAIL]"
     assert sent_choice["text"] == "hello"
     assert redactor.counts == {"email": 1}
+
+
+# Shapes the structured passes do not parse; the pass over each event's bytes redacts them.
+
+SSN = "123-45-6789"
+RAW_SHAPES = {
+    "delta_string_list": (
+        "chat_completions",
+        b'data: {"object":"chat.completion.chunk","choices":[{"index":0,'
+        b'"delta":{"content":"a ","annotations":["bob@example.com"]}}]}\n\n',
+    ),
+    "delta_content_list": (
+        "chat_completions",
+        b'data: {"object":"chat.completion.chunk","choices":[{"index":0,'
+        b'"delta":{"content":["bob@example.com"]}}]}\n\n',
+    ),
+    "responses_delta_extra_field": (
+        "responses",
+        b'data: {"type":"response.output_text.delta","item_id":"i1","output_index":0,'
+        b'"content_index":0,"delta":"a ","extra":"bob@example.com 123-45-6789"}\n\n',
+    ),
+    "responses_logprobs": (
+        "responses",
+        b'data: {"type":"response.output_text.delta","item_id":"i1","output_index":0,'
+        b'"content_index":0,"delta":"a ","logprobs":[{"token":"bob@example.com"}]}\n\n',
+    ),
+    "comment_and_fields": (
+        "chat_completions",
+        b": note bob@example.com\nevent: bob@example.com\nid: 123-45-6789\n"
+        b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a "}}]}\n\n',
+    ),
+    "comment_only": ("chat_completions", b": bob@example.com 123-45-6789\n\n"),
+}
+
+
+@pytest.mark.parametrize("mode", ["held", "live"])
+@pytest.mark.parametrize("shape", RAW_SHAPES)
+def test_unparsed_event_text_redacted(shape, mode):
+    request_type, raw = RAW_SHAPES[shape]
+    events = [parse_event(raw), DONE]
+
+    if mode == "held":
+        sent, counts = redact_held_events(request_type, events, BOTH)
+    else:
+        redactor = LiveRedactor(request_type, BOTH)
+        sent = [out for event in events for out in redactor.redact(event)]
+        counts = redactor.counts
+
+    body = sent_bytes(sent)
+    assert b"bob@example.com" not in body
+    assert SSN.encode() not in body
+    if not (shape == "responses_logprobs" and mode == "live"):
+        # Live mode empties every logprobs field before anything could match in it.
+        assert counts.get("email", 0) >= 1
+    for event in sent:
+        if event.data and not event.is_done_marker:
+            assert isinstance(json.loads(event.data), dict)

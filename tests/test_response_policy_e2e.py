@@ -474,6 +474,29 @@ def test_streamed_tool_arguments_redacted(redacting, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_streamed_comment_event_redacted(redacting, mode):
+    raw_event = f": keep-alive for {EMAIL}\\n\\n"
+
+    response = raw_chat(redacting[mode], {"x-mock-raw-event": raw_event}, stream=True)
+
+    assert response.status_code == 200
+    assert EMAIL.encode() not in response.content
+    assert sse_payloads(response.content)[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_comment_and_event_name_redacted(redacting, mode):
+    raw_event = f": note {EMAIL}\\nevent: {EMAIL}\\ndata: {{\"choices\": []}}\\n\\n"
+
+    response = raw_chat(redacting[mode], {"x-mock-raw-event": raw_event}, stream=True)
+
+    assert response.status_code == 200
+    assert EMAIL.encode() not in response.content
+    assert b"event: [REDACTED_EMAIL]" in response.content
+    assert sse_payloads(response.content)[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_streamed_tool_name_redacted(redacting, mode):
     response = raw_chat(
         redacting[mode], {"x-mock-tool-call": f'notify_{EMAIL};{{"ok": true}}'}, stream=True
