@@ -39,6 +39,11 @@ def spool_path(home: str | os.PathLike) -> Path:
     return Path(home) / "spool"
 
 
+def wal_path(home: str | os.PathLike) -> Path:
+    """Return the folder of the collector's write-ahead log of accepted exports."""
+    return Path(home) / "spool" / "wal"
+
+
 def prices_file(home: str | os.PathLike) -> Path:
     return Path(home) / "config" / "prices.json"
 

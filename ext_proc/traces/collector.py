@@ -4,6 +4,12 @@ Run it as ``python -m ext_proc.traces.collector --socket PATH --home HOME``. ext
 workers send it Trace batches over the Unix socket (TraceCollector.Export), and the CLI
 reads through it (Query, Stats) while it runs. SIGTERM or SIGINT stops it: queued traces
 are written within the shutdown deadline and whatever is left goes to the spool.
+
+Export returns only after the batch is appended to a write-ahead log (``spool.WriteAheadLog``),
+so an acknowledged batch also survives a kill of the collector, such as SIGKILL or the
+kernel's out-of-memory killer. At start, the log that a killed collector left is moved to
+the spool and replayed like the spool after an outage. The log is not fsync'd per batch,
+so a power loss or kernel crash can lose the last seconds of acknowledged traces.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from ext_proc.traces import (
     home_path,
     prices_file,
     spool_path,
+    wal_path,
 )
 from ext_proc.traces.cost import PriceTable
 from ext_proc.traces.rows import DEFAULT_BODY_LIMIT, RowBuilder
 from ext_proc.traces.schema import Retention
 from ext_proc.traces.scrub import Scrubber
-from ext_proc.traces.spool import DEFAULT_SPOOL_LIMIT_BYTES, Spool
+from ext_proc.traces.spool import DEFAULT_SPOOL_LIMIT_BYTES, Spool, WriteAheadLog
 from ext_proc.traces.store import QueryError, StoreError, TraceStore, rows_to_json
 from ext_proc.traces.writer import PendingFull, TraceWriter, WriterSettings
 
@@ -93,6 +100,12 @@ class TraceCollectorService(trace_pb2_grpc.TraceCollectorServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "trace collector backlog is full; retry later",
                 )
+            except OSError as exc:
+                logger.error("failed to append to the trace write-ahead log: %s", exc)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"trace collector failed to write its write-ahead log: {exc}; retry later",
+                )
             self._remember(ids)
         return trace_pb2.ExportResponse(accepted=len(traces))
 
@@ -148,6 +161,12 @@ async def serve_collector(
     url = clickhouse_url if clickhouse_url is not None else os.environ.get(CLICKHOUSE_URL_ENV)
     _claim_socket(socket_path)
     spool = Spool(spool_path(home), spool_limit_bytes)
+    try:
+        WriteAheadLog.recover(wal_path(home), spool)
+    except OSError as exc:
+        # The log is kept, so the next start tries again.
+        logger.error("failed to move the trace write-ahead log to the spool: %s", exc)
+    wal = WriteAheadLog(wal_path(home))
     builder = RowBuilder(
         PriceTable.load(prices_file(home)), Scrubber(pii_kinds), default_body_limit
     )
@@ -155,7 +174,7 @@ async def serve_collector(
     def open_store() -> TraceStore:
         return TraceStore.open(home, url or "", retention or Retention())
 
-    writer = TraceWriter(open_store, builder, spool, writer_settings or WriterSettings())
+    writer = TraceWriter(open_store, builder, spool, writer_settings or WriterSettings(), wal)
     writer.start()
     try:
         await asyncio.wrap_future(writer.call(lambda store: None))

@@ -5,6 +5,9 @@ token and its serialized ``ExportRequest``. A file is written to a temporary nam
 fsync'd, renamed and its directory fsync'd, so after a crash a batch is either complete
 or absent. Replaying with the stored token makes a batch that did reach the store before
 the failure a no-op the second time.
+
+``WriteAheadLog`` is the collector's log of accepted exports that are not yet written or
+spooled. It is not fsync'd, so it survives a kill of the process but not a power loss.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
+import time
+import uuid
 import zlib
+from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -101,3 +109,218 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Write-ahead log records: magic, kind, sequence number, body length, CRC-32 of kind,
+# number and body.
+_WAL_MAGIC = b"XTW1"
+_WAL_HEADER = struct.Struct(">4sBQII")
+_WAL_NUMBERS = struct.Struct(">BQ")
+_WAL_EXPORT = 1  # number: the export's sequence number; body: its ExportRequest bytes
+_WAL_BATCH = 2  # number: the batch's first sequence number; body: last number, token
+_WAL_LAST = struct.Struct(">Q")
+_WAL_SUFFIX = ".wal"
+# A segment is closed once it is this large, and deleted once all of its exports are
+# written or spooled. The current segment is truncated instead whenever the writer has
+# caught up, so under steady load the log stays near one flush interval of traffic.
+WAL_SEGMENT_BYTES = 64 * 1024**2
+# Maximum payload bytes of one spool batch made from exports that no batch had taken.
+_WAL_RECOVERY_BATCH_BYTES = 16 * 1024**2
+
+
+class WriteAheadLog:
+    """
+    Append-only log of accepted exports, kept until the writer has stored or spooled them.
+
+    The collector appends each export before acknowledging it, so an acknowledged export
+    survives a kill of the collector process: the data is in the kernel's page cache once
+    ``write`` returns. There is no fsync per export, so a power loss or kernel crash can
+    lose the exports of the last few seconds (the kernel's dirty writeback interval).
+
+    Before inserting a batch, the writer records its token and the exports it covers
+    (``mark_batch``), and after storing or spooling it calls ``release``. ``recover``
+    moves what a killed collector left into the spool with each batch's token, so a
+    batch that reached the store before the kill is deduplicated by the store.
+
+    Segments are named ``<run>.<first sequence number>.wal``. The run id starts with the
+    start time, so names sort in write order and tokens made from them are unique.
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int = WAL_SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._run = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        self._lock = threading.Lock()
+        self._next_sequence = 0
+        self._batched_upto = -1
+        self._released_upto = -1
+        # Closed segments, oldest first, with the last sequence number each contains.
+        self._closed: deque[tuple[Path, int]] = deque()
+        self._path, self._fd, self._size = self._open_segment()
+
+    def _open_segment(self) -> tuple[Path, int, int]:
+        path = self.directory / f"{self._run}.{self._next_sequence:020d}{_WAL_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        return path, fd, 0
+
+    def append(self, payloads: Sequence[bytes]) -> None:
+        """Append exports; on OSError none of them stays in the log."""
+        with self._lock:
+            if self._size >= self.segment_bytes:
+                os.close(self._fd)
+                self._closed.append((self._path, self._next_sequence - 1))
+                self._path, self._fd, self._size = self._open_segment()
+            records = []
+            for offset, payload in enumerate(payloads):
+                records += _wal_record(_WAL_EXPORT, self._next_sequence + offset, payload)
+            self._write(records)
+            self._next_sequence += len(payloads)
+
+    def mark_batch(self, token: str, count: int) -> int:
+        """Record that the next ``count`` exports are inserted with ``token``; return the
+        last one's sequence number."""
+        with self._lock:
+            first = self._batched_upto + 1
+            last = first + count - 1
+            self._batched_upto = last
+            try:
+                body = _WAL_LAST.pack(last) + token.encode()
+                self._write(_wal_record(_WAL_BATCH, first, body))
+            except OSError as exc:
+                # Without the record, recovery gives these exports a new token, so a
+                # batch that reached the store before a kill would be stored twice.
+                logger.error("failed to record trace batch %s in %s: %s", token, self.directory, exc)
+            return last
+
+    def release(self, last: int) -> None:
+        """Forget the exports up to sequence number ``last``, which are stored or spooled."""
+        with self._lock:
+            self._released_upto = last
+            while self._closed and self._closed[0][1] <= last:
+                path, _ = self._closed.popleft()
+                path.unlink(missing_ok=True)
+            if last >= self._next_sequence - 1 and self._size:
+                os.ftruncate(self._fd, 0)
+                self._size = 0
+
+    def close(self) -> None:
+        """Close the log, deleting every segment once all exports are released."""
+        with self._lock:
+            os.close(self._fd)
+            if self._released_upto >= self._next_sequence - 1 and not self._closed:
+                self._path.unlink(missing_ok=True)
+
+    def _write(self, buffers: list[bytes]) -> None:
+        total = sum(len(buffer) for buffer in buffers)
+        try:
+            written = os.writev(self._fd, buffers)
+            if written < total:
+                rest = b"".join(buffers)[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
+        except OSError:
+            # Cut partly written records, so that records appended later stay readable.
+            os.ftruncate(self._fd, self._size)
+            raise
+        self._size += total
+
+    @staticmethod
+    def recover(directory: Path, spool: Spool) -> int:
+        """
+        Move the exports a stopped or killed collector left in ``directory`` to ``spool``.
+
+        Exports that a batch record covers are spooled with that batch's token. The rest
+        are spooled in batches with tokens made from the run id and sequence numbers, so
+        a recovery that is itself interrupted and run again writes nothing twice. Returns
+        the number of exports moved; segments are deleted once their exports are spooled.
+        """
+        if not directory.is_dir():
+            return 0
+        segments = sorted(directory.glob("*" + _WAL_SUFFIX))
+        runs: dict[str, list[Path]] = {}
+        for path in segments:
+            runs.setdefault(path.name.split(".", 1)[0], []).append(path)
+        moved = 0
+        for run, paths in runs.items():
+            exports: dict[int, bytes] = {}
+            batches: list[tuple[str, int, int]] = []
+            for path in paths:
+                _read_segment(path, exports, batches)
+            moved += len(exports)
+            for token, first, last in batches:
+                payloads = [exports.pop(n) for n in range(first, last + 1) if n in exports]
+                if payloads:
+                    _spool_recovered(spool, token, payloads)
+            group: list[int] = []
+            size = 0
+            for number in sorted(exports):
+                group.append(number)
+                size += len(exports[number])
+                if size >= _WAL_RECOVERY_BATCH_BYTES:
+                    _spool_group(spool, run, group, exports)
+                    group, size = [], 0
+            if group:
+                _spool_group(spool, run, group, exports)
+            for path in paths:
+                path.unlink()
+        if moved:
+            logger.warning(
+                "moved %d trace exports from the write-ahead log %s to the spool",
+                moved,
+                directory,
+            )
+        return moved
+
+
+def _wal_record(kind: int, number: int, body: bytes) -> list[bytes]:
+    crc = zlib.crc32(body, zlib.crc32(_WAL_NUMBERS.pack(kind, number)))
+    return [_WAL_HEADER.pack(_WAL_MAGIC, kind, number, len(body), crc), body]
+
+
+def _read_segment(path: Path, exports: dict[int, bytes], batches: list) -> None:
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < _WAL_HEADER.size:
+            break
+        magic, kind, number, length, crc = _WAL_HEADER.unpack_from(data, offset)
+        start = offset + _WAL_HEADER.size
+        body = data[start : start + length]
+        if (
+            magic != _WAL_MAGIC
+            or len(body) != length
+            or zlib.crc32(body, zlib.crc32(_WAL_NUMBERS.pack(kind, number))) != crc
+        ):
+            break
+        if kind == _WAL_EXPORT:
+            exports[number] = body
+        elif kind == _WAL_BATCH:
+            (last,) = _WAL_LAST.unpack_from(body)
+            batches.append((body[_WAL_LAST.size :].decode(), number, last))
+        offset = start + length
+    if offset < len(data):
+        # The record being written when the collector was killed: its export was
+        # never acknowledged.
+        logger.warning(
+            "ignoring %d bytes of an incomplete record at the end of %s",
+            len(data) - offset,
+            path,
+        )
+
+
+def _spool_group(spool: Spool, run: str, group: list[int], exports: dict[int, bytes]) -> None:
+    token = f"wal-{run}-{group[0]}-{group[-1]}"
+    _spool_recovered(spool, token, [exports.pop(number) for number in group])
+
+
+def _spool_recovered(spool: Spool, token: str, payloads: list[bytes]) -> None:
+    # Payloads are ExportRequest bytes, so joined they are one ExportRequest.
+    if not spool.append(token, b"".join(payloads)):
+        logger.error(
+            "trace spool %s is full (%d bytes, limit %d): dropped %d recovered exports",
+            spool.directory,
+            spool.size_bytes,
+            spool.limit_bytes,
+            len(payloads),
+        )

@@ -9,6 +9,11 @@ engine releases the GIL during a query, so the two run at the same time.
 
 Order is kept across an outage. Once a batch has failed, later batches go straight to the
 spool, and the spool is replayed oldest first before new batches are written again.
+
+With a write-ahead log, every queued chunk is appended to it before ``submit_chunks``
+returns, each batch's token is recorded in it before the insert, and the chunks are
+released from it once the batch is written, spooled or dropped. So a chunk that was
+queued survives a kill of the process (see ``spool.WriteAheadLog``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from ext_proc.pb import trace_pb2
 from ext_proc.traces.rows import RowBuilder, TraceChunk
-from ext_proc.traces.spool import Spool, SpoolCorrupt
+from ext_proc.traces.spool import Spool, SpoolCorrupt, WriteAheadLog
 from ext_proc.traces.store import StoreError, TraceStore
 
 logger = logging.getLogger(__name__)
@@ -79,8 +84,10 @@ class TraceWriter:
         builder: RowBuilder,
         spool: Spool,
         settings: WriterSettings = WriterSettings(),
+        wal: WriteAheadLog | None = None,
     ) -> None:
         self.open_store = open_store
+        self.wal = wal
         self.builder = builder
         self.spool = spool
         self.settings = settings
@@ -118,11 +125,20 @@ class TraceWriter:
         self.submit_chunks(chunks)
 
     def submit_chunks(self, chunks: Sequence[TraceChunk]) -> None:
-        """Queue encoded traces for writing; raise PendingFull when the backlog has no room."""
+        """
+        Queue encoded traces for writing; raise PendingFull when the backlog has no room.
+
+        With a write-ahead log the chunks are appended to it first, and an OSError from
+        the log is raised with none of the chunks queued.
+        """
         count = sum(chunk.trace_count for chunk in chunks)
         with self._condition:
             if self._stopping or self._pending_count + count > self.settings.max_pending:
                 raise PendingFull
+            if self.wal is not None:
+                # Appended under the lock, so log order is queue order, which is the
+                # order in which mark_batch counts the chunks.
+                self.wal.append([chunk.payload for chunk in chunks])
             self._newest_pending_at = time.monotonic()
             first = not self._pending
             if first:
@@ -169,6 +185,8 @@ class TraceWriter:
                 last_logged = self._log_counters(last_logged)
         self._fail_waiting_jobs()
         self._build_executor.shutdown(wait=True)
+        if self.wal is not None:
+            self.wal.close()
         if self._store is not None:
             self._store.close()
         logger.info("trace writer stopped: %s", asdict(self.counters))
@@ -257,6 +275,21 @@ class TraceWriter:
         if self._next is not None and self._next[0] is batch:
             prebuilt = self._next[1]
             self._next = None
+        if self.wal is None:
+            self._insert_or_spool(batch, token, prebuilt)
+            return
+        # Batches are taken and written in queue order, so the batch is the next
+        # len(batch) chunks of the log.
+        last = self.wal.mark_batch(token, len(batch))
+        self._insert_or_spool(batch, token, prebuilt)
+        try:
+            self.wal.release(last)
+        except OSError as exc:
+            self._log_error_limited("failed to release trace write-ahead log entries: %s", exc)
+
+    def _insert_or_spool(
+        self, batch: list[TraceChunk], token: str, prebuilt: concurrent.futures.Future | None
+    ) -> None:
         store_usable = self.spool.oldest() is None and time.monotonic() >= self._retry_at
         if store_usable and not (self._stopping and self._past_deadline()):
             try:
