@@ -202,6 +202,14 @@ class Exchange:
             raise GatewayError(
                 405, errors.METHOD_NOT_ALLOWED, f"{route.rest} accepts POST, got {self.method}"
             )
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # Policies read the body as JSON text, so a compressed body could not be checked.
+            raise GatewayError(
+                415, errors.UNSUPPORTED_CONTENT_ENCODING,
+                f"compressed request bodies are not supported (Content-Encoding: {encoding[:64]}); "
+                "send the JSON body uncompressed",
+            )
         if message.end_of_stream:
             raise GatewayError(400, errors.INVALID_JSON, "request body is empty; expected a JSON object")
         return self._route_upstream(route, headers)
@@ -310,8 +318,10 @@ class Exchange:
             "registry_version": self.gateway.watcher.version,
         }
         if self.gateway.watcher.error:
-            # The gateway still serves, with the last registry that loaded; changes made
-            # since (revoked keys included) are not in force until the files load again.
+            # The gateway still serves, with the last registry that loaded, so the status
+            # stays 200 for probes. Changes made since (revoked keys included) are not in
+            # force until the files load again, which monitoring should see.
+            health["status"] = "degraded"
             health["registry_error"] = self.gateway.watcher.error
         body = json.dumps(health).encode()
         return msgs.immediate_reply(200, body, self.trace_headers(), "health")

@@ -258,12 +258,13 @@ def test_health_reports_registry_that_fails_to_load(gateway):
 
         broken = _wait_for_health(gateway, lambda health: "registry_error" in health)
 
-        assert broken["status"] == "ok"
+        assert broken["status"] == "degraded"
         assert "proxies.json" in broken["registry_error"]
     finally:
         home_paths.write_atomically(proxies, good)
     restored = _wait_for_health(gateway, lambda health: "registry_error" not in health)
     assert "registry_error" not in restored
+    assert restored["status"] == "ok"
 
 
 def test_lock_that_is_not_a_file_rejected(tmp_path):
@@ -271,3 +272,64 @@ def test_lock_that_is_not_a_file_rejected(tmp_path):
 
     with pytest.raises(RegistryError, match="registry lock"):
         RegistryEditor(tmp_path).create_proxy(name="x", upstream_url="http://127.0.0.1:9/v1")
+
+
+def _proxy_list_stages(gateway, proxy_id: str) -> str:
+    listing = gateway.cli("proxy", "list").stdout
+    header, *rows = listing.splitlines()
+    row = next(line for line in rows if line.startswith(proxy_id))
+    return row[header.index("POLICIES"):].split()[0]
+
+
+def test_detach_last_policy_removes_stage(gateway):
+    access = gateway.new_proxy("detach-stage")
+    assert gateway.attach(access.proxy_id, "request", SEED_POLICY).returncode == 0
+    assert gateway.attach(access.proxy_id, "response", RESPONSE_POLICY).returncode == 0
+    assert _proxy_list_stages(gateway, access.proxy_id) == "request,response"
+
+    gateway.change_registry(
+        "policy", "detach", "--proxy", access.proxy_id, "--stage", "response"
+    )
+
+    assert proxies_document(gateway.home)[access.proxy_id]["policies"].keys() == {"request"}
+    assert _proxy_list_stages(gateway, access.proxy_id) == "request"
+    listed = gateway.cli("policy", "list", "--proxy", access.proxy_id, "--json").stdout
+    assert [json.loads(line)["stage"] for line in listed.splitlines()] == ["request"]
+    assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
+
+    gateway.change_registry("policy", "detach", "--proxy", access.proxy_id, "--stage", "request")
+
+    assert proxies_document(gateway.home)[access.proxy_id]["policies"] == {}
+    assert _proxy_list_stages(gateway, access.proxy_id) == "-"
+    assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
+    assert "registry reload failed" not in gateway.log_tail(400)
+
+
+def test_empty_stage_in_registry_ignored(tmp_path):
+    proxy_id = run_cli(
+        tmp_path, "proxy", "create", "--name", "old", "--upstream-url", "http://127.0.0.1:9/v1"
+    ).stdout.strip()
+    path = home_paths.proxies_file(tmp_path)
+    document = json.loads(path.read_text())
+    document["proxies"][proxy_id]["policies"] = {"request": [], "response": []}
+    path.write_text(json.dumps(document))
+
+    listing = run_cli(tmp_path, "proxy", "list").stdout
+
+    assert load_registry(tmp_path).proxies[proxy_id].policies == {}
+    assert listing.splitlines()[1].split()[4] == "-"
+
+
+def test_attach_unreadable_file_prints_error_line(tmp_path):
+    missing = tmp_path / "nonexistent.rego"
+
+    result = run_cli(
+        tmp_path, "policy", "attach", "--proxy", "prx_none", "--stage", "request", str(missing),
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: policy not attached, cannot read {missing}: "
+        f"[Errno 2] No such file or directory: '{missing}'\n"
+    )
