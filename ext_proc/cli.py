@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from ext_proc.registry import (
 from ext_proc.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
+
+# The status a shell reports for a process killed by SIGPIPE (128 + 13). Python ignores
+# SIGPIPE, so a closed stdout raises BrokenPipeError instead and main() returns this.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _editor(args) -> RegistryEditor:
@@ -107,7 +112,9 @@ def cmd_proxy_list(args) -> int:
         return _print_json_lines(proxies)
     print(f"{'ID':<22} {'NAME':<20} {'ORG':<14} {'ENV':<8} {'POLICIES':<18} UPSTREAM")
     for proxy in proxies:
-        stages = ",".join(sorted(proxy.get("policies", {}))) or "-"
+        # Registries written before detach dropped empty stages may still list one as [].
+        attached = proxy.get("policies", {})
+        stages = ",".join(sorted(stage for stage, policies in attached.items() if policies)) or "-"
         print(f"{proxy['id']:<22} {proxy['name'][:20]:<20} {proxy.get('org_id', '')[:14]:<14} "
               f"{proxy.get('environment', '')[:8]:<8} {stages:<18} {proxy['upstream_url']}")
     return 0
@@ -146,9 +153,9 @@ def cmd_key_list(args) -> int:
 def cmd_policy_attach(args) -> int:
     path = Path(args.file)
     try:
-        source = path.read_text()
-    except OSError as exc:
-        logger.error("cannot read %s: %s", path, exc)
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: policy not attached, cannot read {path}: {exc}", file=sys.stderr)
         return 2
     try:
         compiled = policy.compile_policy(source, path.name)
@@ -187,14 +194,24 @@ def cmd_policy_list(args) -> int:
 
 def cmd_policy_test(args) -> int:
     try:
-        with open(args.input) as handle:
-            document = json.load(handle)
-    except (OSError, ValueError) as exc:
+        with open(args.input, encoding="utf-8") as handle:
+            document = json.load(handle, parse_constant=_reject_json_constant)
+    except OSError as exc:
         print(f"error: cannot read input document {args.input}: {exc}", file=sys.stderr)
-        return 2
+        return policy.EXIT_ERROR
+    except ValueError as exc:
+        print(f"error: input document {args.input} is not valid JSON: {exc}", file=sys.stderr)
+        return policy.EXIT_ERROR
     text, status = policy.run_policy_test(args.file, document, args.stage)
-    print(text)
+    if status == policy.EXIT_ERROR:
+        print(f"error: {text}", file=sys.stderr)
+    else:
+        print(text)
     return status
+
+
+def _reject_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,7 +342,14 @@ def _add_policy_commands(commands) -> None:
     listing.add_argument("--proxy", help="only this proxy")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=cmd_policy_list)
-    test = actions.add_parser("test", help="evaluate a policy against an input document")
+    test = actions.add_parser(
+        "test",
+        help="evaluate a policy against an input document",
+        description="Evaluate a policy against an input document and print the outcome, rule, "
+                    "reasons and fields to redact. Exit status: 0 allow or redact, 1 block, "
+                    "2 error (the policy or input file cannot be read, the policy does not "
+                    "compile, or the input is not a JSON object).",
+    )
     test.add_argument("file", help="Rego file in package xenovia.policy")
     test.add_argument("--input", required=True, help="JSON file with the policy input document")
     test.add_argument("--stage", choices=STAGES, default="request", help="stage to evaluate as")
@@ -338,10 +362,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        # Flushing here turns a closed pipe into BrokenPipeError now, not at interpreter exit.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout exited early, as `xenovia traces list | head -1` does. Python
+        # flushes stdout again at exit, so it is pointed at /dev/null to keep that quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (RegistryError, UpstreamError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return status
 
 
 if __name__ == "__main__":

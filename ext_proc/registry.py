@@ -456,7 +456,12 @@ class RegistryEditor:
         if not removed:
             wanted = f"policy {name!r}" if name else "policy"
             raise RegistryError(f"proxy {proxy_id} has no {stage}-stage {wanted}; see `xenovia policy list`")
-        entry["policies"][stage] = [policy for policy in attached if policy["name"] not in removed]
+        kept = [policy for policy in attached if policy["name"] not in removed]
+        if kept:
+            entry["policies"][stage] = kept
+        else:
+            # A stage with no policies is left out, as if nothing had ever been attached.
+            del entry["policies"][stage]
         home_paths.write_json(home_paths.proxies_file(self.home), document)
         for removed_name in removed:
             home_paths.policy_file(self.home, proxy_id, stage, removed_name).unlink(missing_ok=True)

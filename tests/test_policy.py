@@ -544,7 +544,7 @@ def test_run_policy_test_rejects_non_object(document, kind):
     assert text == f"input document must be a JSON object, got {kind}"
 
 
-def test_run_policy_test_input_engine_rejects_is_error():
+def test_run_policy_test_nan_input_is_error():
     text, code = run_policy_test(
         str(POLICIES / "block_dangerous_tools.rego"), {"limit": float("nan")}, "request"
     )
