@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+from gateway_harness import REPO_ROOT, child_environment
 from test_traces_support import BASE_TIME, CollectorProcess, simple_trace
 
+from ext_proc.cli import EXIT_BROKEN_PIPE
 from ext_proc.traces.commands import EXIT_NOT_FOUND, EXIT_OK, add_traces_parser
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,7 +49,9 @@ def quantile(values: list[float], q: float) -> float:
 
 def build_traces():
     traces = []
+    turns: dict[str, int] = {}
     for index, (model, latency, ttft, properties, session, outcome, rule) in enumerate(ROWS):
+        turns[session] = turns.get(session, 0) + 1
         trace = simple_trace(
             index,
             proxy_id=PROXY,
@@ -53,6 +60,7 @@ def build_traces():
             tokens_in=1000,
             tokens_out=100,
             session_id=session,
+            session_turn=turns[session],
             policy_outcome=outcome,
             policy_rule_id=rule,
             custom_properties=properties,
@@ -60,18 +68,40 @@ def build_traces():
         if ttft is not None:
             trace.ttft_ms = ttft
         traces.append(trace)
-    other = simple_trace(99, proxy_id="p-other", model=MINI, latency_ms=999.0, session_id="s9")
+    other = simple_trace(
+        99, proxy_id="p-other", model=MINI, latency_ms=999.0, session_id="s9", session_turn=1
+    )
     other.custom_properties["team"] = "a"
     return traces, other
+
+
+FAST_PROXY = "p-fast"
+REASON = "delete_database is not permitted"
+
+
+def build_fast_traces():
+    """A block under 1 ms with a reason, and a call rejected before it joined a session."""
+    fast = simple_trace(
+        50, proxy_id=FAST_PROXY, latency_ms=0.627254, session_id="s8", session_turn=1,
+        policy_outcome="block", policy_rule_id="tools.deny", policy_reason=REASON,
+        custom_properties={"team": "c"},
+    )
+    fast.ttft_ms = 0.4
+    fast.steps[0].latency_ms = 0.5
+    rejected = simple_trace(
+        51, proxy_id=FAST_PROXY, session_id="s7", session_turn=0, status=401, policy_outcome=""
+    )
+    return fast, rejected
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("cli-home")
     traces, other = build_traces()
+    fast = build_fast_traces()
     with CollectorProcess(home, "--flush-interval", "0.05") as collector:
-        collector.export([*traces, other])
-        collector.wait_drained(len(traces) + 1)
+        collector.export([*traces, other, *fast])
+        collector.wait_drained(len(traces) + 1 + len(fast))
         yield home, collector, traces
 
 
@@ -173,7 +203,7 @@ def test_list_filters_and_json_lines(home, capsys):
     assert json_lines(output) == []
     since = BASE_TIME.isoformat()
     _, output = run_cli(capsys, home_dir, "list", "--since", since, "--limit", "100", "--json")
-    assert len(json_lines(output)) == len(ROWS) + 1
+    assert len(json_lines(output)) == len(ROWS) + 3
 
 
 def test_list_text_table(home, capsys):
@@ -246,3 +276,75 @@ def test_missing_store_reported_not_created(tmp_path):
     assert result.returncode == 1
     assert "no trace store" in result.stderr
     assert not home.exists()
+
+
+def test_list_rejects_unknown_outcome(home, capsys):
+    home_dir, _, _ = home
+    with pytest.raises(SystemExit) as raised:
+        run_cli(capsys, home_dir, "list", "--outcome", "dry_run")
+    assert raised.value.code == 2
+    assert "invalid choice: 'dry_run'" in capsys.readouterr().err
+
+
+def test_list_accepts_every_recorded_outcome(home, capsys):
+    home_dir, _, _ = home
+    for outcome in ("allow", "block", "redact", "block_response", "redact_response"):
+        code, output = run_cli(capsys, home_dir, "list", "--outcome", outcome, "--json")
+        assert code == EXIT_OK, outcome
+        assert {row["policy_outcome"] for row in json_lines(output)} <= {outcome}
+    _, output = run_cli(capsys, home_dir, "list", "--outcome", "block_response", "--json")
+    assert [row["session_id"] for row in json_lines(output)] == ["s3"]
+
+
+def test_sessions_leave_out_turn_zero(home, capsys):
+    home_dir, _, _ = home
+    _, listed = run_cli(capsys, home_dir, "list", "--proxy", FAST_PROXY, "--json")
+    _, sessions = run_cli(capsys, home_dir, "sessions", "--proxy", FAST_PROXY, "--json")
+    _, stats = run_cli(capsys, home_dir, "stats", "--proxy", FAST_PROXY, "--json")
+
+    assert sorted(row["session_id"] for row in json_lines(listed)) == ["s7", "s8"]
+    assert [row["session_id"] for row in json_lines(sessions)] == ["s8"]
+    assert [row["session_id"] for row in json.loads(stats)["cost_by_session"]] == ["s8"]
+
+
+def test_latencies_print_two_decimals(home, capsys):
+    home_dir, _, _ = home
+    _, listed = run_cli(capsys, home_dir, "list", "--proxy", FAST_PROXY, "--outcome", "block")
+    _, stats = run_cli(capsys, home_dir, "stats", "--proxy", FAST_PROXY)
+
+    header, row = listed.splitlines()
+    assert row.split()[header.split().index("latency_ms")] == "0.63"
+    stats_header, stats_row = stats.splitlines()[1:3]
+    assert stats_row.split()[stats_header.split().index("ttft_ms_p50")] == "0.40"
+
+
+def test_show_prints_properties_reason_and_latency(home, capsys):
+    home_dir, _, _ = home
+    _, listed = run_cli(capsys, home_dir, "list", "--proxy", FAST_PROXY, "--outcome", "block", "--json")
+    trace_id = json_lines(listed)[0]["trace_id"]
+
+    code, output = run_cli(capsys, home_dir, "show", trace_id)
+
+    assert code == EXIT_OK
+    assert f"  policy_reason: {REASON}" in output
+    assert '  custom_properties: {"team": "c"}' in output
+    assert "  latency_ms: 0.63" in output
+    assert "  ttft_ms: 0.40" in output
+    assert "└─ llm chat.completions [0.50 ms, ok]" in output
+
+
+def test_closed_stdout_exits_quietly(home):
+    home_dir, _, _ = home
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "ext_proc.cli", "--home", str(home_dir), "traces", "list"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            env=child_environment(home_dir), cwd=REPO_ROOT,
+        )
+    finally:
+        os.close(write_end)
+
+    assert result.stderr == ""
+    assert result.returncode == EXIT_BROKEN_PIPE

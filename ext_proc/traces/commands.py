@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ext_proc.traces import home_path
 from ext_proc.traces.queries import (
+    POLICY_OUTCOMES,
     ReaderError,
     TraceFilters,
     list_traces_sql,
@@ -46,7 +47,12 @@ def add_traces_parser(subparsers) -> argparse.ArgumentParser:
     listing.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                          help="custom property equal to VALUE; repeat to require several")  # fmt: skip
     listing.add_argument("--model", help="requested or served model")
-    listing.add_argument("--outcome", help="policy outcome: allow, block, redact, ...")
+    listing.add_argument(
+        "--outcome",
+        choices=POLICY_OUTCOMES,
+        help="policy outcome; a dry-run denial is recorded as allow, with its would-be "
+             "outcome in dry_run_outcome",
+    )
     listing.add_argument("--status", type=int, help="HTTP status code")
     _add_time_range(listing)
     listing.add_argument(
@@ -211,9 +217,16 @@ def _print_json_lines(names: list[str], rows: list[list]) -> None:
         print(json.dumps(dict(zip(names, row)), ensure_ascii=False))
 
 
-def _cell(value) -> str:
+def _is_duration(name: str) -> bool:
+    """Tell whether a column contains milliseconds: latency_ms, ttft_ms_p95, policy_ms, ..."""
+    return name.endswith("_ms") or "_ms_" in name
+
+
+def _cell(value, name: str = "") -> str:
     if value is None:
         return "-"
+    if isinstance(value, float) and _is_duration(name):
+        return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:.2f}"
     if isinstance(value, (dict, list)):
@@ -223,7 +236,7 @@ def _cell(value) -> str:
 
 def format_table(names: list[str], rows: list[list]) -> str:
     """Return rows as text columns aligned under their names."""
-    cells = [[_cell(value) for value in row] for row in rows]
+    cells = [[_cell(value, name) for value, name in zip(row, names)] for row in rows]
     widths = [len(name) for name in names]
     for row in cells:
         widths = [max(width, len(cell)) for width, cell in zip(widths, row)]
@@ -235,15 +248,15 @@ def format_table(names: list[str], rows: list[list]) -> str:
 
 _TRACE_SUMMARY = (
     "timestamp", "proxy_id", "session_id", "session_turn", "model", "model_served", "status",
-    "policy_outcome", "policy_rule_id", "latency_ms", "ttft_ms", "tokens_in", "tokens_out",
-    "cost_usd", "error_type",
+    "policy_outcome", "policy_rule_id", "policy_reason", "dry_run_outcome", "latency_ms",
+    "ttft_ms", "tokens_in", "tokens_out", "cost_usd", "error_type", "custom_properties",
 )  # fmt: skip
 
 
 def format_trace_tree(trace: dict) -> str:
     """Return the trace as a header and its steps as a tree; tool results sit under their call."""
     lines = [f"trace {trace['trace_id']}"]
-    lines += [f"  {name}: {_cell(trace.get(name))}" for name in _TRACE_SUMMARY if name in trace]
+    lines += [f"  {name}: {_cell(trace.get(name), name)}" for name in _TRACE_SUMMARY if name in trace]
     steps = trace["steps"]
     calls = {s["call_id"] for s in steps if s.get("step_type") == "tool_call" and s.get("call_id")}
     children: dict[str, list[dict]] = {}
@@ -267,7 +280,7 @@ def format_trace_tree(trace: dict) -> str:
 
 def _step_label(step: dict) -> str:
     label = f"{step.get('step_type')} {step.get('name') or ''}".rstrip()
-    details = [f"{_cell(step.get('latency_ms'))} ms", step.get("status") or ""]
+    details = [f"{_cell(step.get('latency_ms'), 'latency_ms')} ms", step.get("status") or ""]
     if step.get("tool_name"):
         details.append(f"tool={step['tool_name']}")
     if step.get("call_id"):

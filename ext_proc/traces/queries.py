@@ -33,6 +33,14 @@ LIST_COLUMNS = (
     "policy_outcome", "latency_ms", "tokens_in", "tokens_out", "cost_usd",
 )  # fmt: skip
 BLOCK_OUTCOMES = ("block", "block_response")
+# Every non-empty policy_outcome the gateway records (processor.py, response.py,
+# response_stream.py). A call rejected before its policies ran (a 400, 401 or 404, or a 403
+# proxy_access_denied) has "".
+# A dry-run denial keeps "allow" here and records its outcome in dry_run_outcome.
+POLICY_OUTCOMES = ("allow", "block", "redact", "block_response", "redact_response")
+# A call gets a session turn (1 or more) only once it is authenticated and its session is
+# resolved, so a trace with turn 0 never joined the session its id names.
+_ADMITTED = "session_id != '' AND session_turn > 0"
 
 
 class ReaderError(Exception):
@@ -162,7 +170,7 @@ def show_trace_sql(trace_id: str) -> tuple[tuple[str, dict], tuple[str, dict]]:
 
 def sessions_sql(filters: TraceFilters, limit: int) -> tuple[str, dict]:
     where, parameters = filters.where()
-    where = (where + " AND" if where else " WHERE") + " session_id != ''"
+    where = (where + " AND" if where else " WHERE") + f" {_ADMITTED}"
     sql = (
         "SELECT session_id, proxy_id, count() AS turns, min(timestamp) AS first_seen,"
         " max(timestamp) AS last_seen, sum(tokens_in) AS tokens_in,"
@@ -199,7 +207,7 @@ def stats_sql(filters: TraceFilters, limit: int = 20) -> dict[str, tuple[str, di
         "cost_by_session": (
             "SELECT session_id, count() AS turns, sum(tokens_in) AS tokens_in,"
             " sum(tokens_out) AS tokens_out, sum(cost_usd) AS cost_usd"
-            f" FROM traces{and_where} session_id != '' GROUP BY session_id"
+            f" FROM traces{and_where} {_ADMITTED} GROUP BY session_id"
             " ORDER BY cost_usd DESC NULLS LAST, session_id LIMIT {limit:UInt32}",
             limited,
         ),
