@@ -36,6 +36,13 @@ deny contains "embeddings of forbidden text are not allowed" if {
     contains(input.request.input, "forbidden")
 }
 """
+PHRASE_POLICY = """package xenovia.policy
+
+deny contains "the request mentions launch codes" if {
+    some message in input.messages
+    contains(lower(message.content), "launch codes")
+}
+"""
 FUNCTION_TOOL = {
     "type": "function",
     "name": "lookup",
@@ -74,6 +81,20 @@ def guarded(gateway, tmp_path_factory):
     policy.write_text(BLOCK_POLICY)
     assert gateway.attach(access.proxy_id, "request", policy).returncode == 0
     return access
+
+
+@pytest.fixture(scope="module")
+def phrase_guarded(gateway, tmp_path_factory):
+    access = gateway.new_proxy("endpoints-phrase")
+    policy = tmp_path_factory.mktemp("policy") / "phrase_guard.rego"
+    policy.write_text(PHRASE_POLICY)
+    assert gateway.attach(access.proxy_id, "request", policy).returncode == 0
+    return access
+
+
+def post_json(access, path: str, body: dict) -> httpx.Response:
+    headers = {"authorization": f"Bearer {access.key}"}
+    return httpx.post(access.base_url + path, headers=headers, json=body, timeout=30)
 
 
 # The Responses API.
@@ -241,6 +262,39 @@ def test_responses_plain_redacted(gateway):
     assert response.output_text == REDACTED_ANSWER
 
 
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "custom_tool_call_output", "call_id": "call_1", "output": "the launch codes"},
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [{"type": "summary_text", "text": "Launch codes are next."}],
+        },
+    ],
+    ids=["custom-tool-output", "reasoning-summary"],
+)
+def test_responses_phrase_policy_reads_items(gateway, phrase_guarded, item):
+    before = gateway.provider.request_count
+    body = {"model": "gpt-4o-mini", "input": [{"role": "user", "content": "Go on."}, item]}
+
+    response = post_json(phrase_guarded, "/responses", body)
+
+    assert_openai_error(response, 403, "policy_block")
+    assert gateway.provider.request_count == before
+
+
+def test_responses_tool_name_in_function_block(gateway, guarded):
+    before = gateway.provider.request_count
+    tool = {"type": "function", "name": "ok", "function": {"name": "drop_table"}}
+    body = {"model": "gpt-4o-mini", "input": "Clean up.", "tools": [tool]}
+
+    response = post_json(guarded, "/responses", body)
+
+    assert_openai_error(response, 403, "policy_block")
+    assert gateway.provider.request_count == before
+
+
 # Embeddings and completions.
 
 
@@ -266,6 +320,38 @@ def test_embeddings_governed(gateway, guarded):
     trace = wait_for_trace(gateway.home, raised.value.response.headers["x-xenovia-trace-id"])
     assert trace["request_type"] == "embeddings"
     assert trace["policy_outcome"] == "block"
+
+
+@pytest.mark.parametrize(
+    "text_input",
+    ["launch codes", ["weather", "Launch codes"]],
+    ids=["string", "list"],
+)
+def test_embeddings_phrase_policy_reads_input(gateway, phrase_guarded, text_input):
+    model = "text-embedding-3-small"
+    allowed = post_json(phrase_guarded, "/embeddings", {"model": model, "input": "weather"})
+    before = gateway.provider.request_count
+
+    response = post_json(phrase_guarded, "/embeddings", {"model": model, "input": text_input})
+
+    assert allowed.status_code == 200, allowed.text
+    assert_openai_error(response, 403, "policy_block")
+    assert gateway.provider.request_count == before
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["request_type"] == "embeddings"
+    assert trace["policy_outcome"] == "block"
+
+
+def test_completions_phrase_policy_reads_suffix(gateway, phrase_guarded):
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": "def f():", "suffix": "return 1"}
+    allowed = post_json(phrase_guarded, "/completions", body)
+    before = gateway.provider.request_count
+
+    response = post_json(phrase_guarded, "/completions", {**body, "suffix": "# launch codes"})
+
+    assert allowed.status_code == 200, allowed.text
+    assert_openai_error(response, 403, "policy_block")
+    assert gateway.provider.request_count == before
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
