@@ -272,7 +272,7 @@ def _chat_messages(body: dict) -> list[dict]:
 
 
 def _tool_names(tools: list) -> list[str]:
-    """Name each tool by every name it carries, and by its type when that is not function or custom.
+    """List every name each tool carries, and its type unless that is function or custom.
 
     Every name the entry carries counts, whichever block its type selects, so that a provider
     reading another block than the policy cannot call an unchecked tool. A built-in tool
@@ -283,27 +283,22 @@ def _tool_names(tools: list) -> list[str]:
     for tool in tools:
         if not isinstance(tool, dict):
             continue
-        found = [
-            name
-            for name in (_tool_name(tool.get("function")), _tool_name(tool.get("custom")), _tool_name(tool))
-            if name
-        ]
+        found: list[str] = []
+        for holder in (tool.get("function"), tool.get("custom"), tool):
+            name = holder.get("name") if isinstance(holder, dict) else None
+            if isinstance(name, str) and name and name not in found:
+                found.append(name)
         tool_type = tool.get("type")
         if isinstance(tool_type, str) and (not found or tool_type not in ("function", "custom")):
-            found.append(tool_type)
-        names.extend(dict.fromkeys(found))
+            if tool_type not in found:
+                found.append(tool_type)
+        names.extend(found)
         allowed = tool.get("allowed_tools")
         if isinstance(allowed, dict):
             allowed = allowed.get("tool_names")
         if isinstance(allowed, list):
             names.extend(name for name in allowed if isinstance(name, str))
     return names
-
-
-def _tool_name(holder: Any) -> str | None:
-    if isinstance(holder, dict) and isinstance(holder.get("name"), str):
-        return holder["name"]
-    return None
 
 
 def _responses_messages(body: dict) -> list[dict]:
@@ -371,7 +366,10 @@ def _responses_item_message(item: dict) -> dict | None:
 # Keys of Responses input items whose strings are identifiers, states or base64 data
 # (images, files, encrypted reasoning), never text the model reads.
 _NON_TEXT_KEYS = frozenset(
-    {"type", "id", "call_id", "role", "status", "encrypted_content", "image_url", "file_data", "file_id"}
+    {
+        "type", "id", "call_id", "role", "status",
+        "encrypted_content", "image_url", "file_data", "file_id",
+    }
 )
 # An image generation call's result is the base64 image.
 _IMAGE_RESULT_KEYS = _NON_TEXT_KEYS | {"result"}
