@@ -38,7 +38,6 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator, context):
         exchange = Exchange(self.gateway)
-        cancelled = False
         debug = logger.isEnabledFor(logging.DEBUG)
         try:
             async for request in request_iterator:
@@ -47,13 +46,10 @@ class ExternalProcessor(ext_proc_grpc.ExternalProcessorServicer):
                     logger.debug("trace %s: %s -> %s", exchange.trace_id,
                                  request.WhichOneof("request"), reply)
                 yield reply
-        except asyncio.CancelledError:
-            # Envoy resets the side stream when the HTTP request ends early or is done;
-            # that is the normal end of a stream, not an error.
-            cancelled = True
-            raise
         finally:
-            exchange.finish(cancelled=cancelled and not exchange.finished)
+            # Envoy ends the side stream, by a reset or by closing its side, when the HTTP
+            # request is done or ends early. An exchange that had not finished ended early.
+            exchange.finish(cancelled=not exchange.finished)
 
 
 def grpc_options() -> list[tuple[str, int]]:

@@ -1,0 +1,58 @@
+"""Calls that end before the gateway can govern them whole: compressed bodies, early disconnects."""
+
+import gzip
+import json
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import httpx2 as httpx
+
+REDACT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "redact_pii.rego"
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def test_compressed_request_body_rejected(gateway):
+    access = gateway.new_proxy("compressed")
+    body = gzip.compress(json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode())
+    headers = {
+        "authorization": f"Bearer {access.key}",
+        "content-type": "application/json",
+        "content-encoding": "gzip",
+    }
+
+    response = httpx.post(access.base_url + "/chat/completions", headers=headers, content=body)
+
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_content_encoding"
+    assert "gzip" in error["message"]
+    assert error["request_id"] == response.headers["x-xenovia-trace-id"]
+
+
+def test_client_leaving_held_stream_recorded(gateway):
+    access = gateway.new_proxy("leaving", "--stream-policy-mode", "hold")
+    assert gateway.attach(access.proxy_id, "response", REDACT_POLICY).returncode == 0
+    tag = uuid.uuid4().hex
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}).encode()
+    path = access.base_url.split(str(gateway.port), 1)[1] + "/chat/completions"
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {access.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Xenovia-Property-run: {tag}\r\nx-mock-chunk-delay-ms: 500\r\n\r\n"
+    ).encode() + body
+
+    # The held answer takes several seconds; the client leaves before it is released.
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.sendall(request)
+        time.sleep(1.0)
+
+    deadline = time.monotonic() + 15
+    rows = []
+    while not rows and time.monotonic() < deadline:
+        rows = gateway.traces("--property", f"run={tag}")
+        time.sleep(0.2)
+    assert len(rows) == 1
+    assert rows[0]["error_type"] == "request_cancelled"
+    assert rows[0]["stream_completed"] is False
