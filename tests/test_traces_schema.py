@@ -53,6 +53,20 @@ def test_views_answer_on_empty_store(client):
         assert client.query(f"SELECT * FROM {view}").result_rows == []
 
 
+def test_session_view_leaves_out_rejected_calls(client):
+    migrate(client)
+    client.command(
+        "INSERT INTO traces (trace_id, session_id, session_turn, proxy_id) VALUES "
+        "(generateUUIDv4(), 'sess-admitted', 1, 'prx_a'), "
+        "(generateUUIDv4(), 'sess-admitted', 2, 'prx_a'), "
+        "(generateUUIDv4(), 'sess-rejected', 0, 'prx_a')"
+    )
+
+    rows = client.query("SELECT session_id, turns FROM trace_cost_by_session").result_rows
+
+    assert rows == [("sess-admitted", 2)]
+
+
 def test_retention_sets_and_removes_ttls(client):
     migrate(client)
     apply_retention(client, Retention(row_days=7, body_days=2))

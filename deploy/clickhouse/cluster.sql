@@ -143,7 +143,7 @@ SELECT
     sum(tokens_out) AS tokens_out,
     sum(cost_usd) AS cost_usd
 FROM traces
-WHERE session_id != ''
+WHERE session_id != '' AND session_turn > 0
 GROUP BY proxy_id, session_id
 ;
 

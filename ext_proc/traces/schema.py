@@ -174,6 +174,12 @@ WHERE session_id != ''
 GROUP BY proxy_id, session_id
 """
 
+# Calls rejected before a session was resolved (turn 0) carry a session id of their own
+# but are not sessions, so the view leaves them out.
+_VIEW_COST_BY_SESSION_ADMITTED = _VIEW_COST_BY_SESSION.replace(
+    "CREATE VIEW IF NOT EXISTS", "CREATE OR REPLACE VIEW"
+).replace("WHERE session_id != ''", "WHERE session_id != '' AND session_turn > 0")
+
 _VIEW_BLOCK_RATE = """
 CREATE VIEW IF NOT EXISTS trace_block_rate_by_rule AS
 SELECT
@@ -202,6 +208,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     (4, _VIEW_COST_BY_PROPERTY),
     (5, _VIEW_COST_BY_SESSION),
     (6, _VIEW_BLOCK_RATE),
+    (7, _VIEW_COST_BY_SESSION_ADMITTED),
 ]
 
 
