@@ -130,7 +130,7 @@ def test_recovered_batch_already_inserted_written_once(tmp_path):
     os.close(wal._fd)
 
     spool = Spool(spool_path(tmp_path))
-    assert WriteAheadLog.recover(wal_path(tmp_path), spool) == 3
+    assert len(WriteAheadLog.recover(wal_path(tmp_path), spool)) == 75
     assert len(spool) == 2
     assert not list(wal_path(tmp_path).glob("*.wal"))
 
@@ -155,10 +155,26 @@ def test_recovery_ignores_incomplete_last_record(tmp_path):
         handle.truncate(segment.stat().st_size - 10)
 
     spool = Spool(spool_path(tmp_path))
-    assert WriteAheadLog.recover(wal_path(tmp_path), spool) == 1
+    assert len(WriteAheadLog.recover(wal_path(tmp_path), spool)) == 5
     token, payload = spool.read(spool.oldest())
     assert token.startswith("wal-")
     assert len(trace_pb2.ExportRequest.FromString(payload).traces) == 5
+
+
+def test_export_resent_after_recovery_written_once(tmp_path):
+    # The collector logged this Export and was killed before its acknowledgement went
+    # out, so the exporter sends it again to the restarted collector.
+    builder = RowBuilder(PriceTable.builtin(), Scrubber(), 0)
+    traces = [simple_trace(index) for index in range(40)]
+    wal = WriteAheadLog(wal_path(tmp_path))
+    wal.append([builder.chunk(traces).payload])
+    os.close(wal._fd)
+
+    with CollectorProcess(tmp_path, "--flush-interval", "0.2") as collector:
+        assert collector.export(traces) == 40
+        wait_replayed(collector)
+        assert collector.scalar("SELECT count() FROM traces") == 40
+        assert collector.scalar("SELECT count() FROM trace_steps") == 40
 
 
 def test_released_log_is_truncated_and_closed_log_removed(tmp_path):

@@ -9,7 +9,8 @@ Export returns only after the batch is appended to a write-ahead log (``spool.Wr
 so an acknowledged batch also survives a kill of the collector, such as SIGKILL or the
 kernel's out-of-memory killer. At start, the log that a killed collector left is moved to
 the spool and replayed like the spool after an outage. The log is not fsync'd per batch,
-so a power loss or kernel crash can lose the last seconds of acknowledged traces.
+so a power loss or kernel crash can lose acknowledged traces that the kernel had not yet
+written back (on Linux, by default up to about 30 s: vm.dirty_expire_centisecs).
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ async def serve_collector(
     url = clickhouse_url if clickhouse_url is not None else os.environ.get(CLICKHOUSE_URL_ENV)
     _claim_socket(socket_path)
     spool = Spool(spool_path(home), spool_limit_bytes)
+    recovered_ids: list[str] = []
     try:
-        WriteAheadLog.recover(wal_path(home), spool)
+        recovered_ids = WriteAheadLog.recover(wal_path(home), spool)
     except OSError as exc:
         # The log is kept, so the next start tries again.
         logger.error("failed to move the trace write-ahead log to the spool: %s", exc)
@@ -182,7 +184,10 @@ async def serve_collector(
         logger.error("trace store unavailable at start, spooling until it returns: %s", exc)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((_handler(TraceCollectorService(writer, spool)),))
+    service = TraceCollectorService(writer, spool)
+    # The exporter retries an Export whose acknowledgement the kill cut off.
+    service._remember(recovered_ids[-RECENT_TRACE_IDS:])
+    server.add_generic_rpc_handlers((_handler(service),))
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     logger.info("trace collector listening on %s (spool %d batches)", socket_path, len(spool))

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+from ext_proc.pb import trace_pb2
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPOOL_LIMIT_BYTES = 1024**3
@@ -135,7 +137,8 @@ class WriteAheadLog:
     The collector appends each export before acknowledging it, so an acknowledged export
     survives a kill of the collector process: the data is in the kernel's page cache once
     ``write`` returns. There is no fsync per export, so a power loss or kernel crash can
-    lose the exports of the last few seconds (the kernel's dirty writeback interval).
+    lose the exports not yet written back (on Linux, by default up to about 30 s:
+    vm.dirty_expire_centisecs).
 
     Before inserting a batch, the writer records its token and the exports it covers
     (``mark_batch``), and after storing or spooling it calls ``release``. ``recover``
@@ -226,28 +229,34 @@ class WriteAheadLog:
         self._size += total
 
     @staticmethod
-    def recover(directory: Path, spool: Spool) -> int:
+    def recover(directory: Path, spool: Spool) -> list[str]:
         """
         Move the exports a stopped or killed collector left in ``directory`` to ``spool``.
 
         Exports that a batch record covers are spooled with that batch's token. The rest
         are spooled in batches with tokens made from the run id and sequence numbers, so
         a recovery that is itself interrupted and run again writes nothing twice. Returns
-        the number of exports moved; segments are deleted once their exports are spooled.
+        the trace ids of the exports moved, oldest first: the last export may have been
+        stored without its acknowledgement reaching the exporter, which then sends it
+        again. Segments are deleted once their exports are spooled.
         """
         if not directory.is_dir():
-            return 0
+            return []
         segments = sorted(directory.glob("*" + _WAL_SUFFIX))
         runs: dict[str, list[Path]] = {}
         for path in segments:
             runs.setdefault(path.name.split(".", 1)[0], []).append(path)
         moved = 0
+        trace_ids: list[str] = []
         for run, paths in runs.items():
             exports: dict[int, bytes] = {}
             batches: list[tuple[str, int, int]] = []
             for path in paths:
                 _read_segment(path, exports, batches)
             moved += len(exports)
+            for number in sorted(exports):
+                request = trace_pb2.ExportRequest.FromString(exports[number])
+                trace_ids += [trace.trace_id for trace in request.traces]
             for token, first, last in batches:
                 payloads = [exports.pop(n) for n in range(first, last + 1) if n in exports]
                 if payloads:
@@ -270,7 +279,7 @@ class WriteAheadLog:
                 moved,
                 directory,
             )
-        return moved
+        return trace_ids
 
 
 def _wal_record(kind: int, number: int, body: bytes) -> list[bytes]:
