@@ -61,7 +61,7 @@ def ensure_demo_proxy(home: Path, upstream_url: str, key_env: str | None) -> tup
             return saved["proxy_id"], saved["key"]
     proxy_id = editor.create_proxy(
         name=DEMO_PROXY_NAME, upstream_url=upstream_url, upstream_key_env=key_env,
-        org_id="org_demo", environment="dev",
+        org_id="org_demo", environment="dev", provider="openai",
     )
     key = keys.generate_key()
     editor.create_key([proxy_id], keys.hash_key(key))
@@ -69,7 +69,7 @@ def ensure_demo_proxy(home: Path, upstream_url: str, key_env: str | None) -> tup
     return proxy_id, key
 
 
-def print_banner(base_url: str, key: str, upstream: str, mock: bool) -> None:
+def print_banner(base_url: str, key: str, upstream: str, mock: bool, home: Path) -> None:
     provider = (f"{upstream}  (MOCK provider started by make run: canned answers, tool calls, "
                 "streaming; not a real model)" if mock else upstream)
     print(f"""
@@ -87,7 +87,7 @@ Try it:
         model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello"}}]
     ).choices[0].message.content)
 
-Traces: .venv/bin/xenovia traces list     Stop: Ctrl-C
+Traces: .venv/bin/xenovia traces list --home {home}     Stop: Ctrl-C
 """, flush=True)
 
 
@@ -111,7 +111,7 @@ def main() -> int:
         try:
             gateway.start()
             print_banner(f"http://127.0.0.1:{port}/a/{proxy_id}/openai/v1", key, upstream,
-                         mock=mock_process is not None)
+                         mock=mock_process is not None, home=home)
             return gateway.wait()
         finally:
             gateway.stop()

@@ -1,0 +1,61 @@
+"""`make run`'s job, python -m ext_proc.demo: the banner it prints works as printed."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from gateway_harness import REPO_ROOT, child_environment, free_port, run_cli
+from openai import OpenAI
+
+from ext_proc.mock_provider import DEFAULT_ANSWER
+
+
+def read_banner(process: subprocess.Popen, timeout: float = 90.0) -> str:
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Traces:"):
+            return "".join(lines)
+    raise AssertionError("the demo printed no banner:\n" + "".join(lines))
+
+
+def test_demo_banner_works_as_printed(tmp_path):
+    home = tmp_path / "home"
+    environment = child_environment(home, {
+        "XENOVIA_PORT": str(free_port()),
+        "XENOVIA_ADMIN_PORT": str(free_port()),
+        "XENOVIA_MOCK_PORT": str(free_port()),
+    })
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ext_proc.demo"], env=environment, cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    try:
+        banner = read_banner(process)
+        base_url = re.search(r'base_url = "([^"]+)"', banner).group(1)
+        api_key = re.search(r'api_key  = "([^"]+)"', banner).group(1)
+        client = OpenAI(api_key=api_key, base_url=base_url, max_retries=0)
+
+        answer = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello"}]
+        )
+
+        assert answer.choices[0].message.content == DEFAULT_ANSWER
+        assert "MOCK provider" in banner
+        assert f"traces list --home {home}" in banner
+        proxies = run_cli(home, "proxy", "list", "--json").stdout
+        assert '"provider": "openai"' in proxies
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
