@@ -5,8 +5,10 @@ from collections.abc import Callable
 
 __all__ = [
     "JSON_ESCAPE_BEFORE",
+    "LOOKALIKE_CHARACTERS",
     "REDACTION_KINDS",
     "decode_unicode_escapes",
+    "fold_lookalikes",
     "redact_json_strings",
     "redact_text",
 ]
@@ -38,6 +40,34 @@ _SSN_RE = re.compile(
 )
 
 
+# Characters a reader takes for "@", "." or "-", and the fullwidth letters and digits. An
+# address or SSN written with them is still one to a reader (or a model), so matching runs
+# on a copy where each is replaced by its ASCII twin. The mapping is one character to one,
+# so a match in the copy has the same position in the original.
+_LOOKALIKE_TARGETS = {
+    "@": "\uff20\ufe6b",
+    ".": "\u3002\uff0e\uff61\ufe52\u2024",
+    "-": "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d",
+}
+_LOOKALIKE_FOLD = {
+    ord(lookalike): target
+    for target, lookalikes in _LOOKALIKE_TARGETS.items()
+    for lookalike in lookalikes
+}
+# Fullwidth digits and letters (U+FF10 to U+FF5A) map onto ASCII 0x30 to 0x7A.
+_LOOKALIKE_FOLD.update(
+    {code: chr(code - 0xFEE0) for code in range(0xFF10, 0xFF5B) if chr(code - 0xFEE0).isalnum()}
+)
+LOOKALIKE_CHARACTERS = frozenset(chr(code) for code in _LOOKALIKE_FOLD)
+
+
+def fold_lookalikes(text: str) -> str:
+    """Return ``text`` with each look-alike of "@", ".", "-", a digit or a letter made ASCII."""
+    if text.isascii():
+        return text
+    return text.translate(_LOOKALIKE_FOLD)
+
+
 def _redact_email(text: str) -> tuple[str, int]:
     if "@" not in text:
         return text, 0
@@ -54,6 +84,7 @@ _REDACTORS: dict[str, Callable[[str], tuple[str, int]]] = {
     "email": _redact_email,
     "ssn": _redact_ssn,
 }
+_PATTERNS = {"email": (_EMAIL_RE, "[REDACTED_EMAIL]"), "ssn": (_SSN_RE, "[REDACTED_SSN]")}
 
 
 def _check_kinds(kinds: frozenset[str]) -> None:
@@ -99,11 +130,38 @@ def decode_unicode_escapes(text: str) -> str:
 
 
 def _redact_plain(text: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
+    folded = fold_lookalikes(text)
+    if folded is not text and folded != text:
+        return _redact_folded(text, folded, kinds, counts)
     for kind in kinds:
         text, found = _REDACTORS[kind](text)
         if found:
             counts[kind] = counts.get(kind, 0) + found
     return text
+
+
+def _redact_folded(text: str, folded: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
+    """Redact ``text`` where its folded copy matches; both change in step, so spans stay aligned."""
+    for kind in sorted(kinds):
+        pattern, mark = _PATTERNS[kind]
+        spans = [match.span() for match in pattern.finditer(folded)]
+        if not spans:
+            continue
+        counts[kind] = counts.get(kind, 0) + len(spans)
+        text = _replace_spans(text, spans, mark)
+        folded = _replace_spans(folded, spans, mark)
+    return text
+
+
+def _replace_spans(text: str, spans: list[tuple[int, int]], mark: str) -> str:
+    parts = []
+    position = 0
+    for start, end in spans:
+        parts.append(text[position:start])
+        parts.append(mark)
+        position = end
+    parts.append(text[position:])
+    return "".join(parts)
 
 
 def _redact(text: str, kinds: frozenset[str], counts: dict[str, int]) -> str:

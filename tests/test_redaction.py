@@ -683,3 +683,27 @@ def test_unparsed_event_text_redacted(shape, mode):
     for event in sent:
         if event.data and not event.is_done_marker:
             assert isinstance(json.loads(event.data), dict)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("mail bob\uff20example.com now", "mail [REDACTED_EMAIL] now"),
+        ("mail bob@example\u3002com now", "mail [REDACTED_EMAIL] now"),
+        ("mail \uff42\uff4f\uff42@example.com now", "mail [REDACTED_EMAIL] now"),
+        ("ssn 123\u201045\u20106789 here", "ssn [REDACTED_SSN] here"),
+        ("ssn \uff11\uff12\uff13\u2013\uff14\uff15\u2013\uff16\uff17\uff18\uff19", "ssn [REDACTED_SSN]"),
+        ("caf\u00e9 \u2014 bob@example.com \u2014 123-45-6789", "caf\u00e9 \u2014 [REDACTED_EMAIL] \u2014 [REDACTED_SSN]"),
+    ],
+)
+def test_lookalike_characters_redacted(text, expected):
+    redacted, counts = redact_text(text, BOTH)
+
+    assert redacted == expected
+    assert sum(counts.values()) == expected.count("[REDACTED_")
+
+
+def test_lookalikes_without_match_kept():
+    text = "years 2010\u20132015 \u2014 see \uff21\uff22\uff23"
+
+    assert redact_text(text, BOTH) == (text, {})

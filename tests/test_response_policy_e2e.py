@@ -396,6 +396,21 @@ def test_request_redaction_covers_every_body_field(gateway, redacting):
     assert trace["redacted_kinds"] == ["email", "ssn"]
 
 
+def test_lookalike_address_redacted_both_ways(gateway, redacting):
+    gateway.provider.reset()
+    lookalike = "jane.doe\uff20example\u3002com"
+    messages = [{"role": "user", "content": f"Write to {lookalike} today."}]
+
+    raw = client_for(redacting["hold"]).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, extra_headers={"x-mock-echo": "1"}
+    )
+
+    assert lookalike not in gateway.provider.requests[-1]["body"]
+    assert raw.parse().choices[0].message.content == "Write to [REDACTED_EMAIL] today."
+    trace = wait_for_trace(gateway.home, raw.headers["x-xenovia-trace-id"])
+    assert lookalike not in json.dumps(trace, default=str, ensure_ascii=False)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_request_redaction(gateway, redacting, mode):
     gateway.provider.reset()

@@ -30,6 +30,9 @@ FRAGMENTS = [
     # JSON escapes as stored messages hold them, and the pieces of a split \uXXXX escape.
     "\\n", "\\t", "\\r", "\\\\", '\\"', "\\/", "\\u0001", "\\u0040", "\\u002d", "\\u002D",
     "\\u0020", "\\u0661", "\\ud83d\\ude00", "\\u00", "40", "2d", "\\\\u0040",
+    # Look-alikes of "@", "." and "-", and fullwidth digits and letters.
+    "\uff20", "\u3002", "\uff0e", "\u2010", "\u2013", "\u2014", "\u2212", "\uff0d",
+    "\uff11\uff12\uff13", "\uff14\uff15", "\uff16\uff17\uff18\uff19", "\uff42\uff4f\uff42",
 ]  # fmt: skip
 
 
@@ -67,6 +70,10 @@ def random_texts(count: int) -> list[str]:
         "123\\u002d45\\u002d6789",
         "sk\\u002dabcdefghijklmnopqrstuv",
         "Bearer\\u0020abcdefghijk",
+        "mail bob\uff20example.com now",
+        "mail bob@example\u3002com now",
+        "ssn 123\u201045\u20106789",
+        "ssn \uff11\uff12\uff13\u2013\uff14\uff15\u2013\uff16\uff17\uff18\uff19",
     ],
 )
 def test_byte_hint_finds_each_kind(text):

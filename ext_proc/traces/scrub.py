@@ -11,8 +11,10 @@ import re
 
 from ext_proc.redaction import (
     JSON_ESCAPE_BEFORE,
+    LOOKALIKE_CHARACTERS,
     REDACTION_KINDS,
     decode_unicode_escapes,
+    fold_lookalikes,
     redact_text,
 )
 
@@ -75,6 +77,26 @@ _SSN_FOLDED = re.compile(rb"-00-0000")
 _UNICODE_ESCAPE_FOLDED = b"\\u"
 
 
+# Look-alikes of "@", "." and "-" (see ``redaction.fold_lookalikes``) fold to "0" above, so
+# they are searched in the original data. A dash look-alike counts only next to a digit or
+# another non-ASCII character, because dashes between words are common in prose.
+def _alternatives(characters) -> bytes:
+    return b"|".join(re.escape(character.encode()) for character in sorted(characters))
+
+
+_SEPARATOR_LOOKALIKES = frozenset(
+    character for character in LOOKALIKE_CHARACTERS if fold_lookalikes(character) in "@."
+)
+_DASH_LOOKALIKES = frozenset(
+    character for character in LOOKALIKE_CHARACTERS if fold_lookalikes(character) == "-"
+)
+_LOOKALIKE_BYTES = re.compile(
+    b"(?:" + _alternatives(_SEPARATOR_LOOKALIKES) + b")"
+    + b"|(?:[0-9\x80-\xbf])(?:" + _alternatives(_DASH_LOOKALIKES) + b")"
+    + b"|(?:" + _alternatives(_DASH_LOOKALIKES) + b")(?:[0-9\xc0-\xff])"
+)
+
+
 def _has_email_hint(text: str) -> bool:
     return "@" in text
 
@@ -122,6 +144,8 @@ class Scrubber:
             return True
         if _AWS_GOOGLE_BYTES.search(data):
             return True
+        if _LOOKALIKE_BYTES.search(data):
+            return True
         folded = data.translate(_FOLD, _FOLD_DROP)
         if _UNICODE_ESCAPE_FOLDED in folded:
             return True
@@ -158,6 +182,7 @@ class Scrubber:
         return text
 
     def _pii_hinted(self, text: str) -> frozenset[str]:
+        text = fold_lookalikes(text)
         return frozenset(
             kind for kind in self.pii_kinds if kind not in _PII_HINTS or _PII_HINTS[kind](text)
         )
