@@ -114,9 +114,18 @@ def response_body_reply(mutation: Mutation | None = None):
     return reply
 
 
-def immediate_reply(status: int, body: bytes, headers: dict[str, str], details: str):
+def immediate_reply(
+    status: int,
+    body: bytes,
+    headers: dict[str, str],
+    details: str,
+    metadata: dict[str, str] | None = None,
+):
     """Reply to the client directly; Envoy sends a JSON body only with an explicit content-type."""
     reply = ProcessingResponse()
+    if metadata:
+        # Envoy's access log reads the trace id from here, for replies the service writes too.
+        reply.dynamic_metadata.CopyFrom(metadata_struct(metadata))
     immediate = reply.immediate_response
     # envoy.type.v3.StatusCode enum values are the HTTP status numbers themselves.
     immediate.status.code = status

@@ -154,7 +154,9 @@ class Exchange:
         else:
             body = error.body(self.trace_id)
         self.finished = True
-        return msgs.immediate_reply(error.status, body, self.trace_headers(), details)
+        return msgs.immediate_reply(
+            error.status, body, self.trace_headers(), details, {"trace_id": self.trace_id}
+        )
 
     def trace_headers(self) -> dict[str, str]:
         if not self.session_id:

@@ -21,6 +21,7 @@ import zlib
 
 from ext_proc import envoy_messages as msgs
 from ext_proc import errors, policy, redaction
+from ext_proc.envoy_config import DEFAULT_MAX_BODY_BYTES
 from ext_proc.envoy_messages import Mutation
 from ext_proc.response_stream import StreamBodies
 from ext_proc.sse import ModelOutput, SseReassembler
@@ -219,6 +220,9 @@ class ResponseHandler(StreamBodies):
         self.exchange.error_code = code
         self.exchange.error_message = text
         message = f"{source} returned HTTP {self.status}" + (f": {text}" if text else "")
+        if code == errors.REQUEST_TOO_LARGE:
+            limit_mib = DEFAULT_MAX_BODY_BYTES // (1024 * 1024)
+            message = f"the request body is larger than the gateway's limit of {limit_mib} MiB"
         new_body = errors.error_body(message, error_type, code, self.exchange.trace_id)
         mutation = Mutation()
         mutation.replace_body(new_body)

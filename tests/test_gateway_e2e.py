@@ -464,6 +464,7 @@ def test_oversized_body_gets_openai_413(gateway, access):
     response = raw_post(access, body=body)
 
     assert_openai_error(response, 413, "request_too_large")
+    assert "limit of 32 MiB" in response.json()["error"]["message"]
     assert gateway.provider.request_count == before
 
 

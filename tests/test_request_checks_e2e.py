@@ -56,3 +56,25 @@ def test_client_leaving_held_stream_recorded(gateway):
     assert len(rows) == 1
     assert rows[0]["error_type"] == "request_cancelled"
     assert rows[0]["stream_completed"] is False
+
+
+def test_access_log_names_trace_of_service_error(gateway):
+    proxy_id = gateway.cli(
+        "proxy", "create", "--name", "no-credential", "--upstream-url", gateway.provider.base_url,
+        "--upstream-key-env", "XENOVIA_TEST_VARIABLE_NOT_SET",
+    ).stdout.strip()
+    key = gateway.change_registry("key", "create", "--proxy", proxy_id).stdout.strip()
+    payload = {"model": "gpt-4o-mini", "messages": MESSAGES}
+
+    response = httpx.post(
+        gateway.base_url(proxy_id) + "/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json=payload,
+    )
+
+    assert response.status_code == 502
+    trace_id = response.headers["x-xenovia-trace-id"]
+    deadline = time.monotonic() + 10
+    while f"trace={trace_id}" not in gateway.log_tail(400) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"trace={trace_id}" in gateway.log_tail(400)
