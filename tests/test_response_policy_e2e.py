@@ -488,26 +488,25 @@ def test_streamed_tool_arguments_redacted(redacting, mode):
     assert json.loads(joined) == {"to": "[REDACTED_EMAIL]", "subject": "access"}
 
 
+COMMENT_EVENTS = {
+    "comment_only": (f": keep-alive for {EMAIL}\\n\\n", b""),
+    "comment_and_event_name": (
+        f": note {EMAIL}\\nevent: {EMAIL}\\ndata: {{\"choices\": []}}\\n\\n",
+        b"event: [REDACTED_EMAIL]",
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", COMMENT_EVENTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_streamed_comment_event_redacted(redacting, mode):
-    raw_event = f": keep-alive for {EMAIL}\\n\\n"
+def test_streamed_comment_lines_redacted(redacting, mode, shape):
+    raw_event, expected = COMMENT_EVENTS[shape]
 
     response = raw_chat(redacting[mode], {"x-mock-raw-event": raw_event}, stream=True)
 
     assert response.status_code == 200
     assert EMAIL.encode() not in response.content
-    assert sse_payloads(response.content)[-1] == "[DONE]"
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_streamed_comment_and_event_name_redacted(redacting, mode):
-    raw_event = f": note {EMAIL}\\nevent: {EMAIL}\\ndata: {{\"choices\": []}}\\n\\n"
-
-    response = raw_chat(redacting[mode], {"x-mock-raw-event": raw_event}, stream=True)
-
-    assert response.status_code == 200
-    assert EMAIL.encode() not in response.content
-    assert b"event: [REDACTED_EMAIL]" in response.content
+    assert expected in response.content
     assert sse_payloads(response.content)[-1] == "[DONE]"
 
 
