@@ -7,9 +7,9 @@ A policy is a Rego module in package `xenovia.policy`. The gateway reads three r
 * `allow`: a boolean. `false` denies. Undefined counts as "not false".
 * `redact_fields`: a set of PII kinds (`"email"`, `"ssn"`) to remove from the payload.
 
-`compile_policy` checks a policy's source once, when it is uploaded or loaded. `PolicyEngine`
-attaches compiled policies for one proxy and one stage and evaluates them all with one call
-into regorus per request.
+`compile_policy` checks a policy's source once, when it is uploaded or loaded (reading the
+source itself is `ext_proc.policy_source`'s part). `PolicyEngine` attaches compiled policies
+for one proxy and one stage and evaluates them all with one call into regorus per request.
 
 Evaluation fails closed: any error while evaluating, and any rule value of the wrong type,
 denies the request.
@@ -20,13 +20,14 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Sequence
 
 import regorus
 
+from ext_proc import policy_source
+from ext_proc.policy_source import DECISION_RULES, PACKAGE, PolicyCompileError
 from ext_proc.redaction import REDACTION_KINDS
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PACKAGE = "xenovia.policy"
 STAGES = ("request", "response")
 
 # Error codes used as the rule part of Decision.rule_id when no policy rule decided.
@@ -49,41 +49,10 @@ RULE_ID_INPUT_ERROR = "input.error"
 RULE_ID_ENGINE_ERROR = "engine.error"
 
 _DECISION_RULE = "data.xenovia.decision.decisions"
-_DECISION_RULES = ("deny", "allow", "redact_fields")
 
 # Exceptions that must stop the process rather than turn into a deny. Everything else raised
 # by regorus is caught, including pyo3's PanicException, which derives from BaseException.
 _FATAL = (KeyboardInterrupt, SystemExit)
-
-_PACKAGE_RE = re.compile(r"^[ \t]*package[ \t]+([^\s#]+)", re.MULTILINE)
-_REGO_V1_IMPORT_RE = re.compile(r"^[ \t]*import[ \t]+rego\.v1\b", re.MULTILINE)
-_ERROR_LOCATION_RE = re.compile(r"-->\s*(.+?):(\d+):(\d+)")
-# The one-line form `_one_line_error` produces: "file:line:column: message".
-_ONE_LINE_ERROR_RE = re.compile(r"^.+?:(\d+):(\d+): (.*)$", re.DOTALL)
-_ERROR_MESSAGE_RE = re.compile(r"^error:\s*(.*?)(?:\n\s*\n|\Z)", re.MULTILINE | re.DOTALL)
-# Strings and comments are dropped before looking for v1 keywords, so `contains(` (the
-# built-in function) and words inside strings do not count.
-_STRINGS_AND_COMMENTS_RE = re.compile(r'"(?:\\.|[^"\\\n])*"|`[^`]*`|#[^\n]*')
-_V1_KEYWORD_RE = re.compile(r"\bif\b|\bcontains\b(?!\s*\()")
-_SELF_REFERENCE_RE = re.compile(r"\bdata\.xenovia\.policy\b")
-
-
-class PolicyCompileError(ValueError):
-    """A policy that cannot be loaded. `line` and `column` are 1-based, or None when unknown."""
-
-    def __init__(
-        self, path: str, message: str, line: int | None = None, column: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
-        self.line = line
-        self.column = column
-
-    def __str__(self) -> str:
-        if self.line is None:
-            return f"{self.path}: {self.message}"
-        return f"{self.path}:{self.line}: {self.message}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +76,7 @@ class CompiledPolicy:
     @property
     def path(self) -> str:
         """File name shown in error messages."""
-        return _source_path(self.name)
+        return policy_source.source_path(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,235 +108,6 @@ class Decision:
         return self.outcome == "deny"
 
 
-def _source_path(name: str) -> str:
-    return name if name.endswith(".rego") else f"{name}.rego"
-
-
-def _parse_regorus_error(text: str) -> tuple[str | None, int | None, int | None, str]:
-    """Split regorus's error text into (file, line, column, message)."""
-    location = _ERROR_LOCATION_RE.search(text)
-    message = _ERROR_MESSAGE_RE.search(text)
-    message_text = message.group(1).strip() if message else text.strip()
-    if location is None:
-        return None, None, None, message_text
-    return location.group(1), int(location.group(2)), int(location.group(3)), message_text
-
-
-def _one_line_error(exc: BaseException) -> str:
-    path, line, column, message = _parse_regorus_error(str(exc))
-    if line is None:
-        return message or type(exc).__name__
-    return f"{path}:{line}:{column}: {message}"
-
-
-def _compile_error(path: str, exc: BaseException) -> PolicyCompileError:
-    _, line, column, message = _parse_regorus_error(str(exc))
-    return PolicyCompileError(path, message, line, column)
-
-
-# --- Source handling -------------------------------------------------------------------------
-
-
-def _find_package(source: str, path: str) -> re.Match[str]:
-    match = _PACKAGE_RE.search(source)
-    if match is None:
-        raise PolicyCompileError(
-            path, f"missing package declaration: the first statement must be `package {PACKAGE}`"
-        )
-    if match.group(1) != PACKAGE:
-        line = source.count("\n", 0, match.start()) + 1
-        raise PolicyCompileError(
-            path,
-            f"invalid package {match.group(1)!r}: a policy must declare `package {PACKAGE}`",
-            line,
-        )
-    return match
-
-
-def _with_future_keywords(source: str, package: re.Match[str]) -> str:
-    # The import goes on the package line itself so the user's line numbers stay valid.
-    if _REGO_V1_IMPORT_RE.search(source):
-        return source
-    end = package.end()
-    return f"{source[:end]} import future.keywords{source[end:]}"
-
-
-def _renamed_package(module_text: str, package: str) -> str:
-    match = _PACKAGE_RE.search(module_text)
-    if match is None or match.group(1) != PACKAGE:
-        raise ValueError(f"module does not declare package {PACKAGE}")
-    return f"{module_text[: match.start(1)]}{package}{module_text[match.end(1) :]}"
-
-
-def _uses_v1_keywords(source: str) -> bool:
-    return _V1_KEYWORD_RE.search(_STRINGS_AND_COMMENTS_RE.sub(" ", source)) is not None
-
-
-def _reject_self_reference(source: str, path: str) -> None:
-    # Attached policies are moved to packages of their own, where `data.xenovia.policy` no
-    # longer exists, so such a reference would turn undefined and could let requests through.
-    code = _STRINGS_AND_COMMENTS_RE.sub(lambda match: " " * len(match.group()), source)
-    match = _SELF_REFERENCE_RE.search(code)
-    if match is not None:
-        line = source.count("\n", 0, match.start()) + 1
-        message = f"refer to rules of this policy by name, not through data.{PACKAGE}"
-        raise PolicyCompileError(path, message, line)
-
-
-# --- Compilation -----------------------------------------------------------------------------
-
-
-def _load_module(path: str, text: str, rego_v0: bool) -> regorus.Engine:
-    engine = regorus.Engine()
-    engine.set_rego_v0(rego_v0)
-    engine.add_policy(path, text)
-    return engine
-
-
-def _parse(source: str, path: str) -> tuple[regorus.Engine, str, str]:
-    """Load `source` as Rego v1, else as v0 with future keywords. Returns (engine, version, text)."""
-    package = _find_package(source, path)
-    try:
-        return _load_module(path, source, rego_v0=False), "v1", source
-    except RuntimeError as exc:
-        v1_error = exc
-
-    module_text = _with_future_keywords(source, package)
-    try:
-        return _load_module(path, module_text, rego_v0=True), "v0", module_text
-    except RuntimeError as exc:
-        v0_error = exc
-
-    raise _compile_error(path, v1_error if _uses_v1_keywords(source) else v0_error)
-
-
-def _lint_functions(path: str, module_text: str) -> None:
-    """Reject calls to unknown functions, which regorus otherwise reports only when reached."""
-    # The RVM compiler resolves every function it compiles, but it accepts only Rego v1 and
-    # compiles only what an entry point reaches, hence one compile per decision rule.
-    for rule in _DECISION_RULES:
-        try:
-            regorus.Program.compile_from_modules(
-                "{}", [(path, module_text)], [f"data.{PACKAGE}.{rule}"]
-            )
-        except RuntimeError as exc:
-            if "Unknown function" in str(exc):
-                raise _compile_error(path, exc) from None
-            # Anything else (an absent rule, a construct the RVM lacks) is left to the
-            # interpreter, which is what evaluates requests.
-            logger.debug("RVM lint of %s skipped for %s: %s", path, rule, _one_line_error(exc))
-
-
-def _input_fields(node: object) -> frozenset[str] | None:
-    """Return the top-level `input.<field>` names an AST references, or None if not only those."""
-    fields: set[str] = set()
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-            continue
-        if not isinstance(item, dict):
-            continue
-        for key, value in item.items():
-            if key == "Var" and isinstance(value, dict) and value.get("value") == "input":
-                return None
-            if key in ("RefDot", "RefBrack") and _is_input_var(value.get("refr")):
-                field = _ref_field(key, value)
-                if field is None:
-                    return None
-                fields.add(field)
-                if key == "RefBrack":
-                    stack.append(value.get("index"))
-                continue
-            stack.append(value)
-    return frozenset(fields)
-
-
-def _request_keys(node: object) -> frozenset[str] | None:
-    """Return the fixed keys read under `input.request`, or None if it is read any other way.
-
-    Every `input.request` reference must be the base of a `.key` or `["key"]` reference;
-    `input.request[x]` with a variable, or `input.request` on its own, gives None.
-    """
-    keys: set[str] = set()
-    bases = 0
-    uses = 0
-    for item in _ast_objects(node):
-        if _is_input_request(item):
-            uses += 1
-        for kind in ("RefDot", "RefBrack"):
-            ref = item.get(kind)
-            if isinstance(ref, dict) and _is_input_request(ref.get("refr")):
-                key = _ref_field(kind, ref)
-                if key is None:
-                    return None
-                keys.add(key)
-                bases += 1
-    return frozenset(keys) if uses == bases else None
-
-
-def _ast_objects(node: object):
-    """Yield every JSON object of an AST, depth first."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            yield item
-            stack.extend(value for value in item.values() if isinstance(value, (dict, list)))
-
-
-def _is_input_request(node: object) -> bool:
-    if not isinstance(node, dict) or "RefDot" not in node:
-        return False
-    ref = node["RefDot"]
-    return _is_input_var(ref.get("refr")) and _ref_field("RefDot", ref) == "request"
-
-
-def _is_input_var(node: object) -> bool:
-    return isinstance(node, dict) and node.get("Var", {}).get("value") == "input"
-
-
-def _ref_field(kind: str, ref: dict) -> str | None:
-    if kind == "RefDot":
-        field = ref.get("field")
-        return field[1] if isinstance(field, list) and len(field) == 2 else None
-    index = ref.get("index")
-    if isinstance(index, dict) and "String" in index:
-        return index["String"].get("value")
-    return None
-
-
-def _head_name(rule: dict) -> tuple[str | None, str]:
-    """Return the name a rule defines and its form: "default", "set" or "other"."""
-    if "Default" in rule:
-        node, form = rule["Default"].get("refr"), "default"
-    else:
-        head = rule.get("Spec", {}).get("head", {})
-        form = "set" if "Set" in head else "other"
-        node = next(iter(head.values()), {}).get("refr")
-    while isinstance(node, dict) and "Var" not in node:
-        node = node.get("RefDot", node.get("RefBrack", {})).get("refr")
-    if not isinstance(node, dict):
-        return None, form
-    return node["Var"].get("value"), form
-
-
-def _decision_rules(rules: list) -> tuple[tuple[str, str], ...]:
-    forms: dict[str, set[str]] = {}
-    for rule in rules:
-        name, form = _head_name(rule)
-        if name in _DECISION_RULES:
-            forms.setdefault(name, set()).add(form)
-    result = []
-    for name in _DECISION_RULES:
-        if name in forms:
-            always = "default" in forms[name] or forms[name] == {"set"}
-            result.append((name, "always" if always else "sometimes"))
-    return tuple(result)
-
 
 def _validate(policy: CompiledPolicy) -> None:
     """Evaluate the policy once on a minimal input so errors that need no data surface now."""
@@ -375,7 +115,7 @@ def _validate(policy: CompiledPolicy) -> None:
     decision = engine.evaluate(json.dumps({"stage": "request"}))
     if decision.error is None:
         return
-    located = _ONE_LINE_ERROR_RE.match(decision.error)
+    located = policy_source.ONE_LINE_ERROR_RE.match(decision.error)
     if located is None:
         raise PolicyCompileError(policy.path, decision.error)
     line, column, message = located.groups()
@@ -390,14 +130,14 @@ def compile_policy(source: str, name: str) -> CompiledPolicy:
     PolicyCompileError with the line of the user's text when the policy is invalid, is not in
     package `xenovia.policy`, calls an unknown function (v1 only), or fails on a minimal input.
     """
-    path = _source_path(name)
-    engine, rego_version, module_text = _parse(source, path)
-    _reject_self_reference(source, path)
+    path = policy_source.source_path(name)
+    engine, rego_version, module_text = policy_source.parse_source(source, path)
+    policy_source.reject_self_reference(source, path)
     returned_package = engine.get_packages()
     if returned_package != [f"data.{PACKAGE}"]:
         raise PolicyCompileError(path, f"expected package {PACKAGE}, got {returned_package!r}")
     if rego_version == "v1":
-        _lint_functions(path, module_text)
+        policy_source.lint_functions(path, module_text)
 
     ast = json.loads(engine.get_ast_as_json())[0]["ast"]
     policy = CompiledPolicy(
@@ -406,9 +146,9 @@ def compile_policy(source: str, name: str) -> CompiledPolicy:
         sha256=hashlib.sha256(source.encode()).hexdigest(),
         rego_version=rego_version,
         module_text=module_text,
-        required_fields=_input_fields(ast),
-        request_keys=_request_keys(ast),
-        decision_rules=_decision_rules(ast.get("rules", [])),
+        required_fields=policy_source.input_fields(ast),
+        request_keys=policy_source.request_keys(ast),
+        decision_rules=policy_source.decision_rules(ast.get("rules", [])),
     )
     _validate(policy)
     return policy
@@ -446,11 +186,11 @@ def _decision_module(policies: Sequence[CompiledPolicy]) -> str:
     rows = []
     for index, policy in enumerate(policies):
         if policy.decision_rules is None:
-            forms = {rule: "sometimes" for rule in _DECISION_RULES}
+            forms = {rule: "sometimes" for rule in DECISION_RULES}
         else:
             forms = dict(policy.decision_rules)
         values = []
-        for rule in _DECISION_RULES:
+        for rule in DECISION_RULES:
             ref = f"data.xenovia.attached.p{index}.{rule}"
             if rule not in forms:
                 values.append("null")
@@ -576,11 +316,11 @@ class PolicyEngine:
         for index, ((policy, _), attached) in enumerate(zip(policies, self._policies)):
             # The v0/v1 switch applies when a module is parsed, so it is set per module.
             engine.set_rego_v0(policy.rego_version == "v0")
-            module = _renamed_package(policy.module_text, f"xenovia.attached.p{index}")
+            module = policy_source.renamed_package(policy.module_text, f"xenovia.attached.p{index}")
             try:
                 engine.add_policy(attached.path, module)
             except RuntimeError as exc:
-                raise _compile_error(attached.path, exc) from None
+                raise policy_source.compile_error(attached.path, exc) from None
         engine.set_rego_v0(False)
         engine.add_policy("xenovia_decision.rego", _decision_module([p for p, _ in policies]))
         return engine
@@ -592,7 +332,7 @@ class PolicyEngine:
 
     @property
     def required_fields(self) -> frozenset[str] | None:
-        """Top-level input fields any attached policy reads, or None when some policy may read any."""
+        """Top-level input fields the attached policies read, or None when one may read any."""
         return self._required_fields
 
     @property
@@ -620,7 +360,7 @@ class PolicyEngine:
         except _FATAL:
             raise
         except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL
-            return _input_error(_one_line_error(exc))
+            return _input_error(policy_source.one_line_error(exc))
 
         try:
             results = self._engine.eval_rule(_DECISION_RULE)
@@ -646,11 +386,12 @@ class PolicyEngine:
             except _FATAL:
                 raise
             except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL
-                verdicts.append(_Verdict(f"{policy.name}.error", error=_one_line_error(exc)))
+                error = policy_source.one_line_error(exc)
+                verdicts.append(_Verdict(f"{policy.name}.error", error=error))
             else:
                 verdicts.append(_verdict(policy, values))
         if not any(verdict.error for verdict in verdicts):
-            return _engine_error(_one_line_error(first_error))
+            return _engine_error(policy_source.one_line_error(first_error))
         return _combine(self._policies, verdicts)
 
     def _drop_prints(self) -> None:
