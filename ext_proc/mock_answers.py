@@ -1,10 +1,10 @@
 """
-The answers of the mock provider (ext_proc.mock_provider): scenarios and response bodies.
+Response bodies of the mock provider (ext_proc.mock_provider), by scenario.
 
 ``parse_scenario`` reads the ``x-mock-*`` request headers the mock provider's docstring
 lists. Each endpoint function in ``ENDPOINTS`` turns a request body and its scenario into
-an answer: a JSON document, or for streams the server-sent events to write, each with
-whether it is the content event that ``x-mock-split-event`` splits.
+a JSON document, or for streams into the server-sent events to write, each with whether
+it is the content event that ``x-mock-split-event`` splits.
 """
 
 from __future__ import annotations
