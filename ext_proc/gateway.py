@@ -75,9 +75,14 @@ class Gateway:
                 del self._engines[key]
         self._engine_errors = {k: v for k, v in self._engine_errors.items() if k in live}
 
-    @staticmethod
-    def _engine_key(proxy: Proxy, stage: str) -> tuple:
-        attached = tuple((a.name, a.sha256, a.dry_run) for a in proxy.policies[stage])
+    def _engine_key(self, proxy: Proxy, stage: str) -> tuple:
+        # Keyed by the policy text on disk, not the hash recorded at attach time, so that a
+        # file edited in place (a ConfigMap update) is enforced by every worker once loaded.
+        sources = self.registry.policy_sources
+        attached = tuple(
+            (a.name, sources.get((proxy.id, stage, a.name), ""), a.dry_run)
+            for a in proxy.policies[stage]
+        )
         return (proxy.id, stage, attached)
 
     def policy_engine(self, proxy: Proxy, stage: str) -> "policy.PolicyEngine | None":

@@ -96,6 +96,28 @@ def test_call_in_flight_keeps_its_policies(gateway):
     assert "does not compile" not in gateway.log_tail(200)
 
 
+def test_policy_file_edited_in_place_enforced(gateway, tmp_path):
+    access = gateway.new_proxy("edited-in-place")
+    allowing = tmp_path / "gate.rego"
+    allowing.write_text("package xenovia.policy\n\ndeny := false\n")
+    assert gateway.attach(access.proxy_id, "request", allowing).returncode == 0
+    assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
+    policy_file = home_paths.policy_file(gateway.home, access.proxy_id, "request", "gate")
+    original = policy_file.read_text()
+
+    # As a ConfigMap update would: the file changes, proxies.json does not.
+    home_paths.write_atomically(policy_file, original.replace("deny := false", "deny := true").encode())
+    gateway.wait_for_reload()
+
+    for _ in range(4):
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(access.key, access.base_url)
+    home_paths.write_atomically(policy_file, original.encode())
+    gateway.wait_for_reload()
+    for _ in range(4):
+        assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
+
+
 def test_delete_removes_files_and_key_scopes(gateway):
     doomed = gateway.new_proxy("doomed-files")
     kept = gateway.new_proxy("kept-files")
