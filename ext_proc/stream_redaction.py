@@ -336,6 +336,8 @@ class LiveRedactor:
         self.kinds = kinds
         self.counts: dict[str, int] = {}
         self._pending: dict[tuple, str] = {}
+        # Chat choices whose finish_reason has passed, with their tails released.
+        self._finished_choices: set = set()
         # Last delta event per Responses channel, the template for a synthesized delta.
         self._templates: dict[tuple, dict] = {}
         self._chunk_fields: dict = {}
@@ -397,12 +399,19 @@ class LiveRedactor:
         }
         for choice in choices_of(data):
             final = bool(choice.get("finish_reason"))
+            index = choice.get("index", 0)
             for slot in choice_slots(choice):
+                if index in self._finished_choices:
+                    # The choice's tail went out with its finish_reason. Text after it could
+                    # complete a value whose start was already sent, so it is not sent.
+                    slot.holder[slot.field] = ""
+                    continue
                 slot.holder[slot.field] = self._release(slot.key, slot.holder[slot.field], final)
             if final:
-                index = choice.get("index", 0)
                 for key in [key for key in self._pending if key[1] == index]:
                     _put_at(choice, key[2], self._release(key, "", final=True))
+                if isinstance(index, int | str):
+                    self._finished_choices.add(index)
             _add_counts(self.counts, redact_choice_rest(choice, self.kinds))
         drop_logprobs(data)
         return make_event(data, event.event)

@@ -707,3 +707,21 @@ def test_lookalikes_without_match_kept():
     text = "years 2010\u20132015 \u2014 see \uff21\uff22\uff23"
 
     assert redact_text(text, BOTH) == (text, {})
+
+
+def test_live_text_after_finish_reason_not_sent():
+    events = [
+        chat_chunk({"content": "write bob@exa"}, "stop"),
+        chat_chunk({"content": "mple.com now"}),
+        DONE,
+    ]
+
+    sent, _ = run_live("chat_completions", events)
+
+    assert b"mple.com" not in sent_bytes(sent)
+    content = "".join(
+        choice["delta"].get("content") or ""
+        for event in sent
+        for choice in (event.json() or {}).get("choices") or []
+    )
+    assert content == "write bob@exa"

@@ -510,6 +510,18 @@ def test_streamed_comment_lines_redacted(redacting, mode, shape):
     assert sse_payloads(response.content)[-1] == "[DONE]"
 
 
+def test_live_text_after_finish_reason_not_sent(redacting):
+    finished = '{"choices":[{"index":0,"delta":{"content":"jane.doe@exa"},"finish_reason":"stop"}]}'
+    rest = '{"choices":[{"index":0,"delta":{"content":"mple.com"}}]}'
+    raw_event = f"data: {finished}\\n\\ndata: {rest}\\n\\n"
+
+    response = raw_chat(redacting["live"], {"x-mock-raw-event": raw_event}, stream=True)
+
+    assert response.status_code == 200
+    assert EMAIL.encode() not in response.content
+    assert b"mple.com" not in response.content
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_streamed_tool_name_redacted(redacting, mode):
     response = raw_chat(
