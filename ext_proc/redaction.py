@@ -25,11 +25,13 @@ JSON_ESCAPE_BEFORE = r'(?<=\\[nrtbf"/\\])|(?<=\\u[0-9A-Fa-f]{4})'
 # so each run is scanned once and a long run of word characters, dots or @ signs stays
 # linear. A run may also start after a JSON escape, but not on the escape's letter, so the
 # escape stays whole. The local part has no length limit: RFC 5321 allows 64 characters,
-# but a reader still sees a longer address, so it is redacted too.
+# but a reader still sees a longer address, so it is redacted too. A top-level domain is
+# letters, or an internationalized one in its ASCII (punycode) form.
 _EMAIL_RE = re.compile(
     r"(?:(?<![A-Za-z0-9._%+-])(?!(?<=\\)(?:[nrtbf]|u[0-9A-Fa-f]{4}))|"
     + JSON_ESCAPE_BEFORE
-    + r")[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])"
+    + r")[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}(?:[A-Za-z]{2,24}|xn--[A-Za-z0-9-]{1,59})"
+    r"(?![A-Za-z0-9-])"
 )
 
 # US SSN as ddd-dd-dddd. The SSA never issues area 000, 666 or 900-999, group 00 or

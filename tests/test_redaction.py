@@ -725,3 +725,10 @@ def test_live_text_after_finish_reason_not_sent():
         for choice in (event.json() or {}).get("choices") or []
     )
     assert content == "write bob@exa"
+
+
+def test_punycode_domain_redacted():
+    redacted, counts = redact_text("mail bob@example.xn--p1ai now", BOTH)
+
+    assert redacted == "mail [REDACTED_EMAIL] now"
+    assert counts == {"email": 1}

@@ -71,6 +71,7 @@ def random_texts(count: int) -> list[str]:
         "sk\\u002dabcdefghijklmnopqrstuv",
         "Bearer\\u0020abcdefghijk",
         "mail bob\uff20example.com now",
+        "mail bob@example.xn--p1ai now",
         "mail bob@example\u3002com now",
         "ssn 123\u201045\u20106789",
         "ssn \uff11\uff12\uff13\u2013\uff14\uff15\u2013\uff16\uff17\uff18\uff19",
