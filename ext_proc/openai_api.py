@@ -176,15 +176,22 @@ def extract_fields(request_type: str, body: dict) -> RequestFields:
     model = body.get("model")
     fields = RequestFields(model=model if isinstance(model, str) else "")
     fields.stream = body.get("stream") is True
+    definitions: list = []
     if request_type == "chat_completions":
         fields.messages = _chat_messages(body)
         # Legacy "functions" are tools too: providers that still accept them call them.
         fields.tools = _list(body.get("tools")) + _list(body.get("functions"))
         fields.tool_names = _tool_names(fields.tools)
+        _add_chosen_names(fields.tool_names, body.get("tool_choice"))
+        _add_chosen_names(fields.tool_names, body.get("function_call"))
+        definitions = [fields.tools, body.get("response_format")]
     elif request_type == "responses":
         fields.messages = _responses_messages(body)
         fields.tools = _list(body.get("tools"))
         fields.tool_names = _tool_names(fields.tools)
+        _add_chosen_names(fields.tool_names, body.get("tool_choice"))
+        text = body.get("text")
+        definitions = [fields.tools, text.get("format") if isinstance(text, dict) else None]
     elif request_type == "completions":
         fields.messages = _prompt_messages(body.get("prompt")) or [{"role": "user", "content": ""}]
         if isinstance(body.get("suffix"), str):
@@ -195,7 +202,32 @@ def extract_fields(request_type: str, body: dict) -> RequestFields:
         if message.get("role") in ("system", "developer"):
             fields.system_prompt = message.get("content", "")
             break
+    # The model reads tool definitions and output schemas as instructions, so their text is
+    # one more system message, added after system_prompt was chosen so it never becomes it.
+    definition_text = "\n".join(_strings_in(definitions, _SECRET_KEYS, keys=True))
+    if definition_text:
+        fields.messages.append({"role": "system", "content": definition_text})
     return fields
+
+
+def _add_chosen_names(names: list[str], choice: Any) -> None:
+    """Add the tool names a ``tool_choice`` or legacy ``function_call`` names to ``names``.
+
+    A provider may call a tool that is only named here and never declared, so the policy
+    must see it. ``allowed_tools`` choices add every tool they list.
+    """
+    if not isinstance(choice, dict):
+        return
+    if choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        # Chat nests the list under "allowed_tools"; Responses puts it on the choice.
+        listed = _list(choice.get("tools"))
+        if isinstance(allowed, dict):
+            listed = listed + _list(allowed.get("tools"))
+        chosen = _tool_names(listed)
+    else:
+        chosen = _tool_names([choice])
+    names.extend(name for name in chosen if name not in names)
 
 
 def _list(value: Any) -> list:
@@ -210,6 +242,9 @@ def _text_of(content: Any) -> str:
     """
     if isinstance(content, str):
         return content
+    if isinstance(content, dict):
+        # One part sent without its list. Providers that accept it read its text.
+        content = [content]
     if isinstance(content, list):
         parts = []
         for part in content:
@@ -241,8 +276,17 @@ def _prompt_messages(prompt: Any) -> list[dict]:
     if texts:
         messages.append({"role": "user", "content": "\n".join(texts)})
     for item in items:
-        if isinstance(item, list):
+        if not isinstance(item, list):
+            continue
+        if all(isinstance(token, int) for token in item):
             messages.append({"role": "user", "content": "", "token_ids": item})
+        elif all(isinstance(text, str) for text in item):
+            messages.append({"role": "user", "content": "\n".join(item)})
+        else:
+            # A nested list mixing text and other values: its strings at any depth are the
+            # content, and token_ids keeps the list so token checks still apply.
+            text = "\n".join(_strings_in(item, frozenset()))
+            messages.append({"role": "user", "content": text, "token_ids": item})
     return messages
 
 
@@ -303,8 +347,15 @@ def _tool_names(tools: list) -> list[str]:
 
 def _responses_messages(body: dict) -> list[dict]:
     messages = []
-    if isinstance(body.get("instructions"), str):
-        messages.append({"role": "system", "content": body["instructions"]})
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        messages.append({"role": "system", "content": instructions})
+    for item in _list(instructions):
+        # Instructions given as a list of input items are read like input items.
+        if isinstance(item, dict):
+            message = _responses_item_message(item)
+            if message is not None:
+                messages.append(message)
     prompt = body.get("prompt")
     if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):
         # The provider substitutes these values into a stored prompt template.
@@ -373,21 +424,33 @@ _NON_TEXT_KEYS = frozenset(
 )
 # An image generation call's result is the base64 image.
 _IMAGE_RESULT_KEYS = _NON_TEXT_KEYS | {"result"}
+# Keys of an MCP tool definition whose values are credentials sent to the MCP server. The
+# model never reads them, and messages are stored in traces.
+_SECRET_KEYS = frozenset({"headers", "authorization"})
 
 
-def _strings_in(item: dict, skipped: frozenset[str]) -> list[str]:
-    """Collect the strings of an item in document order, without recursion.
+def _strings_in(value: Any, skipped: frozenset[str], keys: bool = False) -> list[str]:
+    """Collect the strings in a value in document order, without recursion.
 
-    Values under a key in ``skipped`` are left out at any depth.
+    Values under a key in ``skipped`` are left out at any depth. With ``keys``, every other
+    object key is collected too, before its value.
     """
     strings = []
-    pending: list[Any] = [item]
+    pending: list[Any] = [value]
     while pending:
         value = pending.pop()
         if isinstance(value, str):
             strings.append(value)
         elif isinstance(value, dict):
-            pending.extend(reversed([v for k, v in value.items() if k not in skipped]))
+            entries = []
+            for key, item in value.items():
+                if key in skipped:
+                    continue
+                if keys:
+                    entries.append(key)
+                entries.append(item)
+            entries.reverse()
+            pending.extend(entries)
         elif isinstance(value, list):
             pending.extend(reversed(value))
     return strings

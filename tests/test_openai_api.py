@@ -323,3 +323,171 @@ def test_responses_session_fingerprint_unchanged():
     assert message_fingerprint(responses_messages(body)) == message_fingerprint(
         [{"role": "user", "content": "Hi."}]
     )
+
+
+# Tools named only in tool_choice or function_call.
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "delete_database"}}},
+         ["delete_database"]),
+        ({"tool_choice": {"type": "custom", "custom": {"name": "delete_database"}}},
+         ["delete_database"]),
+        ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {
+            "mode": "auto", "tools": [{"type": "function", "function": {"name": "delete_database"}}]
+        }}}, ["delete_database"]),
+        ({"function_call": {"name": "delete_database"}}, ["delete_database"]),
+        ({"tool_choice": "required", "function_call": "auto"}, []),
+    ],
+    ids=["function", "custom", "allowed-tools", "legacy-function-call", "strings"],
+)
+def test_chat_tool_choice_names_counted(body, expected):
+    fields = extract_fields("chat_completions", body)
+
+    assert fields.tool_names == expected
+
+
+def test_chat_tool_choice_declared_tool_not_repeated():
+    body = {
+        "tools": [{"type": "function", "function": {"name": "lookup"}}],
+        "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+    }
+
+    fields = extract_fields("chat_completions", body)
+
+    assert fields.tool_names == ["lookup"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "function", "name": "delete_database"}, ["delete_database"]),
+        ({"type": "custom", "name": "delete_database"}, ["delete_database"]),
+        ({"type": "mcp", "server_label": "db", "name": "delete_database"},
+         ["delete_database", "mcp"]),
+        ({"type": "file_search"}, ["file_search"]),
+        ({"type": "allowed_tools", "mode": "required", "tools": [
+            {"type": "function", "name": "delete_database"}, {"type": "web_search"}
+        ]}, ["delete_database", "web_search"]),
+        ("auto", []),
+    ],
+    ids=["function", "custom", "mcp", "built-in", "allowed-tools", "string"],
+)
+def test_responses_tool_choice_names_counted(choice, expected):
+    fields = extract_fields("responses", {"tool_choice": choice})
+
+    assert fields.tool_names == expected
+
+
+# Tool definitions, output schemas and other text outside the conversation.
+
+
+def test_chat_tool_definitions_are_system_message():
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": f"Read the {PHRASE}.",
+            "parameters": {
+                "type": "object",
+                "properties": {"secret_key": {"type": "string", "description": "the vault"}},
+            },
+        },
+    }
+    body = {"messages": [{"role": "user", "content": "Hi."}], "tools": [tool]}
+
+    fields = extract_fields("chat_completions", body)
+
+    assert fields.messages[0] == {"role": "user", "content": "Hi."}
+    assert fields.messages[1]["role"] == "system"
+    lines = fields.messages[1]["content"].split("\n")
+    assert f"Read the {PHRASE}." in lines
+    assert "secret_key" in lines
+    assert "the vault" in lines
+    assert fields.system_prompt == ""
+
+
+def test_chat_response_format_description_read():
+    schema = {"name": "answer", "description": PHRASE, "schema": {"type": "object"}}
+    body = {"messages": [], "response_format": {"type": "json_schema", "json_schema": schema}}
+
+    fields = extract_fields("chat_completions", body)
+
+    assert PHRASE in contents(fields).split("\n")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tools": [{"type": "function", "name": "lookup", "description": PHRASE}]},
+        {"tools": [{"type": "custom", "name": "grep", "format": {
+            "type": "grammar", "syntax": "lark", "definition": PHRASE
+        }}]},
+        {"text": {"format": {"type": "json_schema", "name": "a", "description": PHRASE}}},
+    ],
+    ids=["tool-description", "grammar-definition", "text-format-description"],
+)
+def test_responses_definitions_read(body):
+    fields = extract_fields("responses", {"input": "Hi.", **body})
+
+    assert fields.messages[-1]["role"] == "system"
+    assert PHRASE in fields.messages[-1]["content"].split("\n")
+
+
+def test_responses_mcp_credentials_left_out():
+    tool = {
+        "type": "mcp",
+        "server_label": "docs",
+        "headers": {"Authorization": "Bearer header-secret"},
+        "authorization": "oauth-secret",
+    }
+
+    fields = extract_fields("responses", {"input": "Hi.", "tools": [tool]})
+
+    assert "docs" in contents(fields)
+    assert "secret" not in contents(fields)
+
+
+def test_responses_instructions_list_read():
+    body = {
+        "instructions": [{"type": "message", "role": "developer", "content": PHRASE}],
+        "input": "Hi.",
+    }
+
+    fields = extract_fields("responses", body)
+
+    assert fields.messages == [
+        {"role": "developer", "content": PHRASE},
+        {"role": "user", "content": "Hi."},
+    ]
+    assert fields.system_prompt == PHRASE
+
+
+@pytest.mark.parametrize(
+    ("nested", "expected"),
+    [
+        ([[PHRASE]], [{"role": "user", "content": PHRASE}]),
+        ([[PHRASE, 7]], [{"role": "user", "content": PHRASE, "token_ids": [PHRASE, 7]}]),
+        ([[[PHRASE]]], [{"role": "user", "content": PHRASE, "token_ids": [[PHRASE]]}]),
+    ],
+    ids=["strings", "strings-and-tokens", "deeper"],
+)
+@pytest.mark.parametrize("request_type", ["embeddings", "completions"])
+def test_nested_prompt_text_read(request_type, nested, expected):
+    key = "input" if request_type == "embeddings" else "prompt"
+
+    fields = extract_fields(request_type, {key: nested})
+
+    assert fields.messages == expected
+
+
+@pytest.mark.parametrize("request_type", ["chat_completions", "responses"])
+def test_object_content_read(request_type):
+    message = {"role": "user", "content": {"type": "text", "text": PHRASE}}
+    key = "messages" if request_type == "chat_completions" else "input"
+
+    fields = extract_fields(request_type, {key: [message]})
+
+    assert fields.messages == [{"role": "user", "content": PHRASE}]
