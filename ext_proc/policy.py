@@ -466,6 +466,29 @@ EXIT_BLOCK = 1
 EXIT_ERROR = 2
 
 
+def read_input_document(path: str) -> tuple[object, str | None]:
+    """
+    Read the JSON input document of `xenovia policy test` from the file at `path`.
+
+    Returns the document and None, or None and a one-line error message when the file cannot
+    be read, is not valid JSON (NaN and Infinity are rejected) or is nested too deeply for
+    Python's JSON parser.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle, parse_constant=_reject_json_constant), None
+    except OSError as exc:
+        return None, f"cannot read input document {path}: {exc}"
+    except ValueError as exc:
+        return None, f"input document {path} is not valid JSON: {exc}"
+    except RecursionError:
+        return None, f"input document {path} is nested too deeply to read"
+
+
+def _reject_json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def run_policy_test(path: str, input_doc: object, stage: str) -> tuple[str, int]:
     """
     Evaluate the policy file at `path` on one input document, as `xenovia policy test` does.
@@ -490,7 +513,11 @@ def run_policy_test(path: str, input_doc: object, stage: str) -> tuple[str, int]
         return f"policy does not compile: {exc}", EXIT_ERROR
 
     document = {"stage": stage, **input_doc}
-    decision = PolicyEngine([(policy, False)], stage).evaluate(json.dumps(document))
+    try:
+        input_json = json.dumps(document)
+    except RecursionError:
+        return "invalid input document: nested too deeply", EXIT_ERROR
+    decision = PolicyEngine([(policy, False)], stage).evaluate(input_json)
     if decision.rule_id == RULE_ID_INPUT_ERROR:
         # The gateway blocks such a call (fails closed), but here the input file is at fault.
         return f"invalid input document: {decision.error}", EXIT_ERROR

@@ -11,6 +11,7 @@ from ext_proc.policy import (
     PolicyCompileError,
     PolicyEngine,
     compile_policy,
+    read_input_document,
     run_policy_test,
 )
 
@@ -593,3 +594,24 @@ def test_policy_test_cli_exit_codes_match_outcome(tmp_path):
     assert block.stdout.startswith("outcome: block\n")
     assert allow.returncode == 0
     assert allow.stdout == "outcome: allow\n"
+
+
+def test_policy_test_deep_input_is_error(tmp_path):
+    input_path = tmp_path / "deep.json"
+    input_path.write_text('{"a": ' + "[" * 2000 + "]" * 2000 + "}")
+
+    document, error = read_input_document(str(input_path))
+
+    assert document is None
+    assert error == f"input document {input_path} is nested too deeply to read"
+
+
+def test_run_policy_test_deep_document_is_error():
+    nested: list = []
+    for _ in range(3000):
+        nested = [nested]
+
+    text, code = run_policy_test(str(POLICIES / "block_dangerous_tools.rego"), {"a": nested}, "request")
+
+    assert code == EXIT_ERROR
+    assert text == "invalid input document: nested too deeply"
