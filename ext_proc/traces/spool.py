@@ -21,7 +21,10 @@ import uuid
 import zlib
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 from ext_proc.pb import trace_pb2
 
@@ -239,6 +242,10 @@ class WriteAheadLog:
         the trace ids of the exports moved, oldest first: the last export may have been
         stored without its acknowledgement reaching the exporter, which then sends it
         again. Segments are deleted once their exports are spooled.
+
+        A damaged record (failed checksum) or a record that does not decode is skipped,
+        with an error logged, and reading goes on at the next valid record. Its segment
+        is then kept as ``<segment>.corrupt`` for inspection.
         """
         if not directory.is_dir():
             return []
@@ -249,15 +256,15 @@ class WriteAheadLog:
         moved = 0
         trace_ids: list[str] = []
         for run, paths in runs.items():
-            exports: dict[int, bytes] = {}
-            batches: list[tuple[str, int, int]] = []
+            records = _RunRecords()
             for path in paths:
-                _read_segment(path, exports, batches)
-            moved += len(exports)
-            for number in sorted(exports):
-                request = trace_pb2.ExportRequest.FromString(exports[number])
-                trace_ids += [trace.trace_id for trace in request.traces]
-            for token, first, last in batches:
+                _read_segment(path, records)
+            _drop_finished_batches(run, records)
+            moved += len(records.exports)
+            for number in sorted(records.exports):
+                trace_ids += records.trace_ids[number]
+            exports = records.exports
+            for token, first, last in records.batches:
                 payloads = [exports.pop(n) for n in range(first, last + 1) if n in exports]
                 if payloads:
                     _spool_recovered(spool, token, payloads)
@@ -272,7 +279,10 @@ class WriteAheadLog:
             if group:
                 _spool_group(spool, run, group, exports)
             for path in paths:
-                path.unlink()
+                if path in records.damaged:
+                    os.replace(path, _corrupt_path(path))
+                else:
+                    path.unlink()
         if moved:
             logger.warning(
                 "moved %d trace exports from the write-ahead log %s to the spool",
@@ -287,35 +297,164 @@ def _wal_record(kind: int, number: int, body: bytes) -> list[bytes]:
     return [_WAL_HEADER.pack(_WAL_MAGIC, kind, number, len(body), crc), body]
 
 
-def _read_segment(path: Path, exports: dict[int, bytes], batches: list) -> None:
+@dataclass
+class _RunRecords:
+    """The valid records read from the segments of one run."""
+
+    exports: dict[int, bytes] = field(default_factory=dict)
+    trace_ids: dict[int, list[str]] = field(default_factory=dict)
+    # Token, first and last sequence number of each batch record.
+    batches: list[tuple[str, int, int]] = field(default_factory=list)
+    # Segments with damaged or undecodable records, kept for inspection.
+    damaged: set[Path] = field(default_factory=set)
+
+
+def _read_segment(path: Path, records: _RunRecords) -> None:
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
-        if len(data) - offset < _WAL_HEADER.size:
-            break
-        magic, kind, number, length, crc = _WAL_HEADER.unpack_from(data, offset)
-        start = offset + _WAL_HEADER.size
-        body = data[start : start + length]
-        if (
-            magic != _WAL_MAGIC
-            or len(body) != length
-            or zlib.crc32(body, zlib.crc32(_WAL_NUMBERS.pack(kind, number))) != crc
-        ):
-            break
-        if kind == _WAL_EXPORT:
-            exports[number] = body
-        elif kind == _WAL_BATCH:
-            (last,) = _WAL_LAST.unpack_from(body)
-            batches.append((body[_WAL_LAST.size :].decode(), number, last))
-        offset = start + length
-    if offset < len(data):
+        record = _record_at(data, offset)
+        if record is None:
+            offset = _skip_damaged(path, data, offset, records)
+            continue
+        kind, number, body, end = record
+        _add_record(path, offset, kind, number, body, records)
+        offset = end
+
+
+def _record_at(data: bytes, offset: int) -> tuple[int, int, bytes, int] | None:
+    """Return kind, number, body and end offset of the valid record at ``offset``, or None."""
+    if len(data) - offset < _WAL_HEADER.size:
+        return None
+    magic, kind, number, length, crc = _WAL_HEADER.unpack_from(data, offset)
+    start = offset + _WAL_HEADER.size
+    end = start + length
+    if magic != _WAL_MAGIC or end > len(data):
+        return None
+    body = data[start:end]
+    if zlib.crc32(body, zlib.crc32(_WAL_NUMBERS.pack(kind, number))) != crc:
+        return None
+    return kind, number, body, end
+
+
+def _skip_damaged(path: Path, data: bytes, offset: int, records: _RunRecords) -> int:
+    """Log the bytes from ``offset`` up to the next valid record, and return its offset."""
+    # A valid record starts with the magic, and a single flipped byte cannot give a
+    # record with a matching CRC-32, so scanning for the next magic with a valid record
+    # skips only the damaged bytes.
+    resume = data.find(_WAL_MAGIC, offset + 1)
+    while resume != -1 and _record_at(data, resume) is None:
+        resume = data.find(_WAL_MAGIC, resume + 1)
+    if resume != -1:
+        records.damaged.add(path)
+        logger.error(
+            "skipped %d damaged bytes at offset %d in the middle of %s, reading on at"
+            " offset %d; the segment is kept as %s",
+            resume - offset,
+            offset,
+            path,
+            resume,
+            _corrupt_path(path),
+        )
+        return resume
+    if _is_incomplete_record(data, offset):
         # The record being written when the collector was killed: its export was
         # never acknowledged.
         logger.warning(
-            "ignoring %d bytes of an incomplete record at the end of %s",
+            "ignoring %d bytes of an incomplete record at offset %d at the end of %s",
             len(data) - offset,
+            offset,
             path,
         )
+    else:
+        records.damaged.add(path)
+        logger.error(
+            "skipped %d damaged bytes at offset %d at the end of %s; the segment is kept as %s",
+            len(data) - offset,
+            offset,
+            path,
+            _corrupt_path(path),
+        )
+    return len(data)
+
+
+def _is_incomplete_record(data: bytes, offset: int) -> bool:
+    """Tell whether the bytes from ``offset`` to the end are the start of a record."""
+    rest = data[offset:]
+    if len(rest) < _WAL_HEADER.size:
+        return _WAL_MAGIC.startswith(rest[: len(_WAL_MAGIC)])
+    magic, _, _, length, _ = _WAL_HEADER.unpack_from(rest)
+    return magic == _WAL_MAGIC and _WAL_HEADER.size + length > len(rest)
+
+
+def _add_record(
+    path: Path, offset: int, kind: int, number: int, body: bytes, records: _RunRecords
+) -> None:
+    # The checksum matched, so the bytes are as written, but they can still be invalid:
+    # such a record is skipped and its segment kept, so that recovery never fails.
+    if kind == _WAL_EXPORT:
+        try:
+            request = trace_pb2.ExportRequest.FromString(body)
+        except DecodeError as exc:
+            _log_invalid_record(path, offset, f"export {number}", exc, records)
+            return
+        records.exports[number] = body
+        records.trace_ids[number] = [trace.trace_id for trace in request.traces]
+    elif kind == _WAL_BATCH:
+        try:
+            (last,) = _WAL_LAST.unpack_from(body)
+            token = body[_WAL_LAST.size :].decode()
+        except (struct.error, UnicodeDecodeError) as exc:
+            _log_invalid_record(path, offset, f"the batch record of export {number}", exc, records)
+            return
+        records.batches.append((token, number, last))
+    else:
+        _log_invalid_record(path, offset, f"record {number}", f"unknown kind {kind}", records)
+
+
+def _log_invalid_record(
+    path: Path, offset: int, what: str, reason: object, records: _RunRecords
+) -> None:
+    records.damaged.add(path)
+    logger.error(
+        "skipped %s at offset %d of %s, which does not decode (%s); the segment is kept as %s",
+        what,
+        offset,
+        path,
+        reason,
+        _corrupt_path(path),
+    )
+
+
+def _drop_finished_batches(run: str, records: _RunRecords) -> None:
+    """Drop the exports of batches whose record is missing but that the writer finished."""
+    # The writer records a batch only after it has written, spooled or dropped the one
+    # before, so exports older than a recorded batch and covered by no record were in a
+    # finished batch. Their record was damaged, or failed to be written. Spooling them
+    # again with a new token would store them twice.
+    if not records.batches:
+        return
+    newest_first = max(first for _, first, _ in records.batches)
+    covered = set()
+    for _, first, last in records.batches:
+        covered.update(range(first, last + 1))
+    finished = [n for n in records.exports if n < newest_first and n not in covered]
+    for number in finished:
+        del records.exports[number]
+        del records.trace_ids[number]
+    if finished:
+        logger.warning(
+            "dropped %d exports of write-ahead log run %s (sequence numbers %d to %d) that"
+            " have no batch record: the writer finished their batch before a later one",
+            len(finished),
+            run,
+            min(finished),
+            max(finished),
+        )
+
+
+def _corrupt_path(path: Path) -> Path:
+    return path.with_suffix(".corrupt")
 
 
 def _spool_group(spool: Spool, run: str, group: list[int], exports: dict[int, bytes]) -> None:
