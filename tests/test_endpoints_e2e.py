@@ -295,6 +295,28 @@ def test_responses_tool_name_in_function_block(gateway, guarded):
     assert gateway.provider.request_count == before
 
 
+@pytest.mark.parametrize(
+    ("path", "choice"),
+    [
+        ("/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "drop_table"}}}),
+        ("/chat/completions", {"function_call": {"name": "drop_table"}}),
+        ("/responses", {"tool_choice": {"type": "function", "name": "drop_table"}}),
+    ],
+    ids=["chat-tool-choice", "chat-function-call", "responses-tool-choice"],
+)
+def test_tool_named_only_in_choice_blocked(gateway, guarded, path, choice):
+    before = gateway.provider.request_count
+    if path == "/responses":
+        body = {"model": "gpt-4o-mini", "input": "Clean up.", **choice}
+    else:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Clean up."}], **choice}
+
+    response = post_json(guarded, path, body)
+
+    assert_openai_error(response, 403, "policy_block")
+    assert gateway.provider.request_count == before
+
+
 # Embeddings and completions.
 
 
