@@ -15,13 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes
 from test_traces_support import CollectorProcess, simple_trace, wait_until
 
+from ext_proc.pb import trace_pb2
 from ext_proc.traces import spool_path
 from ext_proc.traces.cost import PriceTable
 from ext_proc.traces.rows import RowBuilder
 from ext_proc.traces.scrub import Scrubber
+from ext_proc.traces.spool import Spool
 from ext_proc.traces.store import TraceStore
+from ext_proc.traces.writer import TraceWriter, WriterSettings
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -193,3 +197,34 @@ def test_spool_limit_drops_and_counts(tmp_path):
         assert stats.dropped > 0
         assert stats.spool_bytes <= 1024 * 1024
         assert "trace spool" in down.log() and "is full" in down.log()
+
+
+def test_replay_moves_invalid_spool_files_aside(tmp_path, caplog):
+    # One spooled payload does not decode, one decodes in Python but the store rejects
+    # it (a string field sent as a varint), and the batch after them is still replayed.
+    builder = RowBuilder(PriceTable.builtin(), Scrubber(), 0)
+    good = builder.chunk([simple_trace(index) for index in range(10)])
+    wrong_type = b"\x08\x05" + simple_trace(10).SerializeToString()
+    rejected = b"\x0a" + _VarintBytes(len(wrong_type)) + wrong_type
+    assert len(trace_pb2.ExportRequest.FromString(rejected).traces) == 1
+    spool = Spool(spool_path(tmp_path))
+    spool.append("undecodable", b"\xff\xff\xff")
+    spool.append("rejected", rejected)
+    spool.append("good", good.payload)
+    files = sorted(spool.directory.glob("*.batch"))
+
+    settings = WriterSettings(retry_min_s=0.05, retry_max_s=0.2)
+    writer = TraceWriter(lambda: TraceStore.open(tmp_path), builder, spool, settings)
+    writer.start()
+    try:
+        wait_until(lambda: len(spool) == 0, 60, message="spool replayed")
+        count = writer.call(lambda store: store.query("SELECT count() FROM traces", {}))
+        assert count.result(60)[1][0][0] == 10
+    finally:
+        writer.stop()
+    assert writer.counters.quarantined_batches == 2
+    assert files[0].with_suffix(".corrupt").read_bytes()
+    assert files[1].with_suffix(".corrupt").read_bytes()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(str(files[0]) in error and "does not decode" in error for error in errors)
+    assert any(str(files[1]) in error and "rejects its content" in error for error in errors)

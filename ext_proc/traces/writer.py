@@ -26,6 +26,9 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 from ext_proc.pb import trace_pb2
 from ext_proc.traces.rows import RowBuilder, TraceChunk
@@ -36,6 +39,22 @@ logger = logging.getLogger(__name__)
 
 _ERROR_LOG_INTERVAL_S = 10.0
 _COUNTER_LOG_INTERVAL_S = 60.0
+# ClickHouse error names (the message ends with the name in brackets) that mean the
+# inserted data is invalid, rather than that the store is unavailable.
+_CONTENT_ERRORS = frozenset(
+    {
+        "CANNOT_PARSE_TEXT",
+        "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+        "CANNOT_PARSE_NUMBER",
+        "CANNOT_PARSE_DATE",
+        "CANNOT_PARSE_DATETIME",
+        "CANNOT_CONVERT_TYPE",
+        "INCORRECT_DATA",
+        "TOO_LARGE_STRING_SIZE",
+        "UNKNOWN_PROTOBUF_FORMAT",
+        "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+    }
+)
 
 
 @dataclass
@@ -48,6 +67,8 @@ class WriterCounters:
     dropped: int = 0
     failed_batches: int = 0
     replayed: int = 0
+    # Spool files moved aside because they do not decode or the store rejects them.
+    quarantined_batches: int = 0
     pending: int = 0
 
 
@@ -352,11 +373,18 @@ class TraceWriter:
             logger.error("moving unreadable spool file aside: %s", exc)
             self.spool.quarantine(path)
             return
-        chunk = self.builder.chunk(trace_pb2.ExportRequest.FromString(payload).traces, payload)
+        try:
+            traces = trace_pb2.ExportRequest.FromString(payload).traces
+        except DecodeError as exc:
+            self._quarantine(path, f"its payload does not decode as an ExportRequest ({exc})")
+            return
+        chunk = self.builder.chunk(traces, payload)
         try:
             self._insert([chunk], token)
         except StoreError as exc:
-            # NOTE: a batch the store rejects for its content is retried forever.
+            if _rejects_content(exc):
+                self._quarantine(path, f"the trace store rejects its content: {exc}")
+                return
             self._note_failure(exc, chunk.trace_count)
             return
         self.spool.remove(path)
@@ -366,6 +394,17 @@ class TraceWriter:
         self._retry_delay = self.settings.retry_min_s
         if self.spool.oldest() is None:
             logger.info("trace spool replayed; %d traces in total", self.counters.replayed)
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        # Retrying would block every later batch behind this one, so it is moved aside.
+        logger.error(
+            "moving spool file %s aside as %s, because %s",
+            path,
+            path.with_suffix(".corrupt"),
+            reason,
+        )
+        self.spool.quarantine(path)
+        self.counters.quarantined_batches += 1
 
     def _note_failure(self, exc: Exception, count: int) -> None:
         self._retry_at = time.monotonic() + self._retry_delay
@@ -384,6 +423,11 @@ class TraceWriter:
         if current != last_logged:
             logger.info("trace writer counters: %s", current)
         return current
+
+
+def _rejects_content(exc: StoreError) -> bool:
+    """Tell whether the store failed an insert for the data, so a retry would fail too."""
+    return any(f"({name})" in str(exc) for name in _CONTENT_ERRORS)
 
 
 def _count(batch: list[TraceChunk]) -> int:
