@@ -170,6 +170,25 @@ class RequestFields:
     tools: list = field(default_factory=list)
     tool_names: list[str] = field(default_factory=list)
     system_prompt: str = ""
+    # Tool definitions and output schemas: the model reads their text as instructions.
+    definitions: list = field(default_factory=list)
+
+    def policy_messages(self) -> list[dict]:
+        """Return the messages, then one system message with the definitions as JSON text.
+
+        Built only for the policy input, so that traces store the conversation alone.
+        """
+        if not self.definitions:
+            return self.messages
+        text = json.dumps(self.definitions, separators=(",", ":"), ensure_ascii=False)
+        if any(f'"{key}"' in text for key in _SECRET_KEYS):
+            # Rare (MCP tools): rebuilt without the credentials, which are not model text.
+            text = json.dumps(
+                _without_keys(self.definitions, _SECRET_KEYS),
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
+        return [*self.messages, {"role": "system", "content": text}]
 
 
 def extract_fields(request_type: str, body: dict) -> RequestFields:
@@ -202,11 +221,7 @@ def extract_fields(request_type: str, body: dict) -> RequestFields:
         if message.get("role") in ("system", "developer"):
             fields.system_prompt = message.get("content", "")
             break
-    # The model reads tool definitions and output schemas as instructions, so their text is
-    # one more system message, added after system_prompt was chosen so it never becomes it.
-    definition_text = "\n".join(_strings_in(definitions, _SECRET_KEYS, keys=True))
-    if definition_text:
-        fields.messages.append({"role": "system", "content": definition_text})
+    fields.definitions = [item for item in definitions if item]
     return fields
 
 
@@ -427,6 +442,15 @@ _IMAGE_RESULT_KEYS = _NON_TEXT_KEYS | {"result"}
 # Keys of an MCP tool definition whose values are credentials sent to the MCP server. The
 # model never reads them, and messages are stored in traces.
 _SECRET_KEYS = frozenset({"headers", "authorization"})
+
+
+def _without_keys(value: Any, skipped: frozenset[str]) -> Any:
+    """Return a copy of a JSON value without the entries under a key in ``skipped``, at any depth."""
+    if isinstance(value, dict):
+        return {key: _without_keys(item, skipped) for key, item in value.items() if key not in skipped}
+    if isinstance(value, list):
+        return [_without_keys(item, skipped) for item in value]
+    return value
 
 
 def _strings_in(value: Any, skipped: frozenset[str], keys: bool = False) -> list[str]:

@@ -482,7 +482,7 @@ class Exchange:
             "provider": lambda: self.proxy.provider,
             "model": lambda: fields.model,
             "stream": lambda: fields.stream,
-            "messages": lambda: fields.messages,
+            "messages": fields.policy_messages,
             "tools": lambda: fields.tools,
             "tool_names": lambda: fields.tool_names,
             "system_prompt": lambda: fields.system_prompt,

@@ -12,6 +12,10 @@ def contents(fields) -> str:
     return "\n".join(message["content"] for message in fields.messages)
 
 
+def policy_contents(fields) -> str:
+    return "\n".join(message["content"] for message in fields.policy_messages())
+
+
 # Embeddings and completions.
 
 
@@ -399,13 +403,16 @@ def test_chat_tool_definitions_are_system_message():
     body = {"messages": [{"role": "user", "content": "Hi."}], "tools": [tool]}
 
     fields = extract_fields("chat_completions", body)
+    messages = fields.policy_messages()
 
-    assert fields.messages[0] == {"role": "user", "content": "Hi."}
-    assert fields.messages[1]["role"] == "system"
-    lines = fields.messages[1]["content"].split("\n")
-    assert f"Read the {PHRASE}." in lines
-    assert "secret_key" in lines
-    assert "the vault" in lines
+    assert messages[0] == {"role": "user", "content": "Hi."}
+    assert messages[1]["role"] == "system"
+    # Traces keep the conversation alone: the definitions are stored under tools.
+    assert fields.messages == [{"role": "user", "content": "Hi."}]
+    content = messages[1]["content"]
+    assert f"Read the {PHRASE}." in content
+    assert "secret_key" in content
+    assert "the vault" in content
     assert fields.system_prompt == ""
 
 
@@ -415,7 +422,7 @@ def test_chat_response_format_description_read():
 
     fields = extract_fields("chat_completions", body)
 
-    assert PHRASE in contents(fields).split("\n")
+    assert PHRASE in policy_contents(fields)
 
 
 @pytest.mark.parametrize(
@@ -432,8 +439,8 @@ def test_chat_response_format_description_read():
 def test_responses_definitions_read(body):
     fields = extract_fields("responses", {"input": "Hi.", **body})
 
-    assert fields.messages[-1]["role"] == "system"
-    assert PHRASE in fields.messages[-1]["content"].split("\n")
+    assert fields.policy_messages()[-1]["role"] == "system"
+    assert PHRASE in fields.policy_messages()[-1]["content"]
 
 
 def test_responses_mcp_credentials_left_out():
@@ -446,8 +453,8 @@ def test_responses_mcp_credentials_left_out():
 
     fields = extract_fields("responses", {"input": "Hi.", "tools": [tool]})
 
-    assert "docs" in contents(fields)
-    assert "secret" not in contents(fields)
+    assert "docs" in policy_contents(fields)
+    assert "secret" not in policy_contents(fields)
 
 
 def test_responses_instructions_list_read():
