@@ -193,14 +193,9 @@ def cmd_policy_list(args) -> int:
 
 
 def cmd_policy_test(args) -> int:
-    try:
-        with open(args.input, encoding="utf-8") as handle:
-            document = json.load(handle, parse_constant=_reject_json_constant)
-    except OSError as exc:
-        print(f"error: cannot read input document {args.input}: {exc}", file=sys.stderr)
-        return policy.EXIT_ERROR
-    except ValueError as exc:
-        print(f"error: input document {args.input} is not valid JSON: {exc}", file=sys.stderr)
+    document, error = policy.read_input_document(args.input)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return policy.EXIT_ERROR
     text, status = policy.run_policy_test(args.file, document, args.stage)
     if status == policy.EXIT_ERROR:
@@ -208,10 +203,6 @@ def cmd_policy_test(args) -> int:
     else:
         print(text)
     return status
-
-
-def _reject_json_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -606,6 +606,20 @@ def test_policy_test_deep_input_is_error(tmp_path):
     assert error == f"input document {input_path} is nested too deeply to read"
 
 
+def test_policy_test_cli_deep_input_exits_2(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"a":' + "[" * 3000 + "]" * 3000 + "}")
+
+    result = run_cli(
+        tmp_path, "policy", "test", str(POLICIES / "block_dangerous_tools.rego"),
+        "--input", str(deep), check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+
+
 def test_run_policy_test_deep_document_is_error():
     nested: list = []
     for _ in range(3000):
