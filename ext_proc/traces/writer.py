@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 _ERROR_LOG_INTERVAL_S = 10.0
 _COUNTER_LOG_INTERVAL_S = 60.0
 # ClickHouse error names (the message ends with the name in brackets) that mean the
-# inserted data is invalid, rather than that the store is unavailable.
+# inserted data is invalid, rather than that the store is unavailable. Each name is in
+# the error code list of chDB 4.4.
+# NOTE: a batch rejected with an error not listed here is retried until it is stored.
 _CONTENT_ERRORS = frozenset(
     {
         "CANNOT_PARSE_TEXT",
