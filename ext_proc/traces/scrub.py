@@ -45,8 +45,9 @@ _DASHED_PAIR = re.compile(r"-\d\d-")
 
 
 # The byte check runs on a folded copy of the UTF-8 data: ASCII letters lowercased, ASCII
-# digits and the first byte of each multi-byte character turned into "0", and the other
-# bytes of multi-byte characters removed. The secret, email and SSN patterns are made of
+# digits and the first byte of each multi-byte character turned into "0" (three first
+# bytes become marks instead, see below), and the other bytes of multi-byte characters
+# removed. The secret, email and SSN patterns are made of
 # ASCII characters and digits (Python's \d takes any Unicode digit, which folds to "0"),
 # so each hint below matches the folded copy wherever such a pattern could match the
 # original. Folding only adds matches, which are allowed. Each hint starts with a literal,
