@@ -73,10 +73,8 @@ def test_sigkill_after_acks_keeps_queued_traces(tmp_path):
     assert not list(wal_path(tmp_path).glob("*.wal"))
 
 
-def test_sigkill_under_load_stores_acked_once(tmp_path):
-    # Short flushes, so batches are inserted and released while Exports keep arriving.
-    collector = CollectorProcess(tmp_path, "--flush-interval", "0.1", "--idle-flush", "0.05")
-    collector.start()
+def start_export_load(collector) -> tuple[list[str], threading.Event, threading.Thread]:
+    """Export batches of 50 traces until the event is set; acknowledged ids go to the list."""
     acked: list[str] = []
     stop_sending = threading.Event()
 
@@ -93,6 +91,14 @@ def test_sigkill_under_load_stores_acked_once(tmp_path):
 
     sender = threading.Thread(target=load)
     sender.start()
+    return acked, stop_sending, sender
+
+
+def test_sigkill_under_load_stores_acked_once(tmp_path):
+    # Short flushes, so batches are inserted and released while Exports keep arriving.
+    collector = CollectorProcess(tmp_path, "--flush-interval", "0.1", "--idle-flush", "0.05")
+    collector.start()
+    acked, stop_sending, sender = start_export_load(collector)
     try:
         wait_until(lambda: collector.stats().written >= 1000, message="first batches written")
         wait_until(lambda: len(acked) >= 3000, message="3000 traces acknowledged")
@@ -338,22 +344,7 @@ def test_recovery_after_damage_under_load_stores_once(tmp_path):
     # that record are lost, the rest is stored once.
     collector = CollectorProcess(tmp_path, "--flush-interval", "0.1", "--idle-flush", "0.05")
     collector.start()
-    acked: list[str] = []
-    stop_sending = threading.Event()
-
-    def load():
-        index = 0
-        while not stop_sending.is_set():
-            traces = [simple_trace(index + offset) for offset in range(50)]
-            try:
-                collector.export(traces)
-            except grpc.RpcError:
-                return
-            acked.extend(trace.trace_id for trace in traces)
-            index += 50
-
-    sender = threading.Thread(target=load)
-    sender.start()
+    acked, stop_sending, sender = start_export_load(collector)
     try:
         wait_until(lambda: collector.stats().written >= 1000, message="first batches written")
         wait_until(lambda: len(acked) >= 3000, message="3000 traces acknowledged")
