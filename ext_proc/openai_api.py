@@ -399,18 +399,17 @@ def _responses_item_message(item: dict) -> dict | None:
             "content": _text_of(item.get("output")),
             "tool_call_id": str(item.get("call_id", "")),
         }
-    if item_type == "function_call":
+    if item_type in ("function_call", "custom_tool_call"):
+        # Chat's shape: {"type": "function", "function": {name, arguments}}, and the same
+        # with "custom" and "input" for a custom tool.
+        if item_type == "function_call":
+            kind, text_field = "function", "arguments"
+        else:
+            kind, text_field = "custom", "input"
         call = {
             "id": str(item.get("call_id", "")),
-            "type": "function",
-            "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
-        }
-        return {"role": "assistant", "content": "", "tool_calls": [call]}
-    if item_type == "custom_tool_call":
-        call = {
-            "id": str(item.get("call_id", "")),
-            "type": "custom",
-            "custom": {"name": item.get("name", ""), "input": item.get("input", "")},
+            "type": kind,
+            kind: {"name": item.get("name", ""), text_field: item.get(text_field, "")},
         }
         return {"role": "assistant", "content": "", "tool_calls": [call]}
     if item_type == "reasoning":
@@ -440,14 +439,16 @@ _NON_TEXT_KEYS = frozenset(
 # An image generation call's result is the base64 image.
 _IMAGE_RESULT_KEYS = _NON_TEXT_KEYS | {"result"}
 # Keys of an MCP tool definition whose values are credentials sent to the MCP server. The
-# model never reads them, and messages are stored in traces.
+# model never reads them, so they stay out of the policy input.
 _SECRET_KEYS = frozenset({"headers", "authorization"})
 
 
 def _without_keys(value: Any, skipped: frozenset[str]) -> Any:
-    """Return a copy of a JSON value without the entries under a key in ``skipped``, at any depth."""
+    """Return a copy of a JSON value without the entries under the keys in ``skipped``."""
     if isinstance(value, dict):
-        return {key: _without_keys(item, skipped) for key, item in value.items() if key not in skipped}
+        return {
+            key: _without_keys(item, skipped) for key, item in value.items() if key not in skipped
+        }
     if isinstance(value, list):
         return [_without_keys(item, skipped) for item in value]
     return value
