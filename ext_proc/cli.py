@@ -123,9 +123,10 @@ def cmd_proxy_list(args) -> int:
 def cmd_key_create(args) -> int:
     key = keys.generate_key()
     key_id = _editor(args).create_key(args.proxy, keys.hash_key(key))
-    print(key)
+    # The id goes out first, so that a key whose output pipe was closed can still be revoked.
     print(f"created key {key_id} for {', '.join(args.proxy)}; it is shown only once",
-          file=sys.stderr)
+          file=sys.stderr, flush=True)
+    print(key)
     return 0
 
 

@@ -2,13 +2,16 @@
 
 import concurrent.futures
 import json
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import openai
 import pytest
 from conftest import wait_for_trace
-from gateway_harness import run_cli
+from gateway_harness import child_environment, run_cli
 from openai import OpenAI
 
 from ext_proc import home as home_paths
@@ -116,6 +119,20 @@ def test_policy_file_edited_in_place_enforced(gateway, tmp_path):
     gateway.wait_for_reload()
     for _ in range(4):
         assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
+
+
+def test_key_create_names_key_before_printing_it(gateway):
+    proxy_id = gateway.new_proxy("closed-pipe").proxy_id
+    command = [sys.executable, "-m", "ext_proc.cli", "key", "create", "--proxy", proxy_id]
+
+    # The reader of stdout is gone before the key is printed, so the key cannot be shown:
+    # its id must be, for `key revoke`.
+    closed = subprocess.run(
+        f"{shlex.join(command)} | true", shell=True, env=child_environment(gateway.home),
+        stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+    )
+
+    assert "created key key_" in closed.stderr
 
 
 def test_delete_removes_files_and_key_scopes(gateway):
