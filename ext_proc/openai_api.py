@@ -252,7 +252,7 @@ def _list(value: Any) -> list:
 def _text_of(content: Any) -> str:
     """Flatten OpenAI content (a string or a list of parts) to text.
 
-    A part contributes its ``text`` and its ``refusal``, whatever its type says, so that
+    A part contributes its ``text`` and its ``refusal``, whatever its ``type``, so that
     text parts, refusal parts and summary parts are all read.
     """
     if isinstance(content, str):
@@ -325,7 +325,7 @@ def _chat_messages(body: dict) -> list[dict]:
         messages.append(entry)
     prediction = body.get("prediction")
     if isinstance(prediction, dict) and "content" in prediction:
-        # Predicted output is text the model reads as a draft of its answer.
+        # Predicted output is text the model reads as a draft of its response.
         messages.append({"role": "assistant", "content": _text_of(prediction["content"])})
     return messages
 
@@ -393,12 +393,14 @@ def _responses_item_message(item: dict) -> dict | None:
     item_type = item.get("type", "message")
     if item_type == "message":
         return {"role": str(item.get("role", "user")), "content": _text_of(item.get("content"))}
+
     if item_type in ("function_call_output", "custom_tool_call_output"):
         return {
             "role": "tool",
             "content": _text_of(item.get("output")),
             "tool_call_id": str(item.get("call_id", "")),
         }
+
     if item_type in ("function_call", "custom_tool_call"):
         # Chat's shape: {"type": "function", "function": {name, arguments}}, and the same
         # with "custom" and "input" for a custom tool.
@@ -412,9 +414,11 @@ def _responses_item_message(item: dict) -> dict | None:
             kind: {"name": item.get("name", ""), text_field: item.get(text_field, "")},
         }
         return {"role": "assistant", "content": "", "tool_calls": [call]}
+
     if item_type == "reasoning":
         texts = (_text_of(item.get("summary")), _text_of(item.get("content")))
         return {"role": "assistant", "content": "\n".join(text for text in texts if text)}
+
     # Built-in tool calls, their outputs, item types added after this code was written and
     # any item with unexpected keys: every string they carry counts, so that no text reaches
     # the provider unchecked.
@@ -422,6 +426,7 @@ def _responses_item_message(item: dict) -> dict | None:
     text = "\n".join(_strings_in(item, skipped))
     if not text:
         return None
+
     if str(item_type).endswith("_output") and isinstance(item.get("call_id"), str):
         return {"role": "tool", "content": text, "tool_call_id": item["call_id"]}
     role = item.get("role")
