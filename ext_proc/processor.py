@@ -560,8 +560,8 @@ class Exchange:
         if self.response is not None:
             self.response.on_cancel() if cancelled and not self.finished else None
         if cancelled and not self.error_code:
-            # Envoy reset the stream before the exchange ended: the client went away or the
-            # provider's connection broke, so the answer did not reach the client whole.
+            # The side stream ended before the exchange did: the client went away or the
+            # provider's connection broke, so the response did not reach the client whole.
             self.error_code = errors.REQUEST_CANCELLED
             self.error_message = "the request ended before the whole response had passed the gateway"
         if not self.session_id:

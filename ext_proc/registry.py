@@ -456,9 +456,9 @@ class RegistryEditor:
         if not removed:
             wanted = f"policy {name!r}" if name else "policy"
             raise RegistryError(f"proxy {proxy_id} has no {stage}-stage {wanted}; see `xenovia policy list`")
-        kept = [policy for policy in attached if policy["name"] not in removed]
-        if kept:
-            entry["policies"][stage] = kept
+        remaining = [policy for policy in attached if policy["name"] not in removed]
+        if remaining:
+            entry["policies"][stage] = remaining
         else:
             # A stage with no policies is left out, as if nothing had ever been attached.
             del entry["policies"][stage]

@@ -43,7 +43,7 @@ def test_client_leaving_held_stream_recorded(gateway):
         f"X-Xenovia-Property-run: {tag}\r\nx-mock-chunk-delay-ms: 500\r\n\r\n"
     ).encode() + body
 
-    # The held answer takes several seconds; the client leaves before it is released.
+    # The held response takes several seconds, and the client leaves before it is released.
     with socket.create_connection(("127.0.0.1", gateway.port)) as client:
         client.sendall(request)
         time.sleep(1.0)

@@ -390,8 +390,8 @@ def _is_incomplete_record(data: bytes, offset: int) -> bool:
 def _add_record(
     path: Path, offset: int, kind: int, number: int, body: bytes, records: _RunRecords
 ) -> None:
-    # The checksum matched, so the bytes are as written, but they can still be invalid:
-    # such a record is skipped and its segment kept, so that recovery never fails.
+    # The checksum matched, so the bytes are as written, but they can still be invalid.
+    # Such a record is skipped and its segment kept, so one bad record does not stop recovery.
     if kind == _WAL_EXPORT:
         try:
             request = trace_pb2.ExportRequest.FromString(body)
