@@ -94,14 +94,26 @@ def start_export_load(collector) -> tuple[list[str], threading.Event, threading.
     return acked, stop_sending, sender
 
 
-def test_sigkill_under_load_stores_acked_once(tmp_path):
-    # Short flushes, so batches are inserted and released while Exports keep arriving.
+def collector_under_load(tmp_path):
+    """Start a collector and the export load; return them once 3000 traces are acknowledged.
+
+    Flushes are short, so batches are inserted and released while Exports keep arriving.
+    """
     collector = CollectorProcess(tmp_path, "--flush-interval", "0.1", "--idle-flush", "0.05")
     collector.start()
     acked, stop_sending, sender = start_export_load(collector)
     try:
         wait_until(lambda: collector.stats().written >= 1000, message="first batches written")
         wait_until(lambda: len(acked) >= 3000, message="3000 traces acknowledged")
+    except BaseException:
+        stop_sending.set()
+        raise
+    return collector, acked, stop_sending, sender
+
+
+def test_sigkill_under_load_stores_acked_once(tmp_path):
+    collector, acked, stop_sending, sender = collector_under_load(tmp_path)
+    try:
         kill(collector)
     finally:
         stop_sending.set()
@@ -342,12 +354,8 @@ def stopped_with_export_record(collector: CollectorProcess) -> tuple[Path, int]:
 def test_recovery_after_damage_under_load_stores_once(tmp_path):
     # A killed collector's log with a flipped byte in a middle record: the traces of
     # that record are lost, the rest is stored once.
-    collector = CollectorProcess(tmp_path, "--flush-interval", "0.1", "--idle-flush", "0.05")
-    collector.start()
-    acked, stop_sending, sender = start_export_load(collector)
+    collector, acked, stop_sending, sender = collector_under_load(tmp_path)
     try:
-        wait_until(lambda: collector.stats().written >= 1000, message="first batches written")
-        wait_until(lambda: len(acked) >= 3000, message="3000 traces acknowledged")
         segment, damaged = stopped_with_export_record(collector)
     finally:
         stop_sending.set()
