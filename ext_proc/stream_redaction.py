@@ -10,17 +10,17 @@ and inputs), told apart by event type and the item and index fields of the event
 Redaction fails closed for fields and events it was not written for:
 
 - every string in a chat delta is model text, except the fields ``role``, ``id``, ``type``
-  and ``name``, which identify a part or a tool. Those, and every string of a choice
-  outside its delta (or outside its legacy ``text``), are redacted event by event;
+  and ``name``, which identify a part or a tool;
 - every Responses event whose type ends in ``.delta`` and whose ``delta`` is a string is a
   channel, except base64 audio (``response.audio.delta``);
 - every other Responses event (``.done`` events, ``response.completed``, deltas whose
   ``delta`` is an object) has all its strings redacted on their own;
 - token log probabilities repeat the text token by token, so no pattern can find a value
   in them: they are emptied in held streams that had a replacement, and always in live mode;
-- last, each event's bytes are redacted as text, which covers what the passes above do not
-  parse: comment lines, ``event:`` and ``id:`` values, strings in lists of a delta, and the
-  fields of a Responses delta event beside its ``delta``.
+- last, each event's bytes are redacted as text, within the event. That covers what the
+  passes above leave out: tool names and ids, fields beside a choice's delta, strings in
+  lists of a delta, the fields of a Responses delta event beside its ``delta``, comment
+  lines, and ``event:`` and ``id:`` values.
 
 NOTE: deltas whose ``delta`` is an object (``response.shell_call_output_content.delta``) are
 redacted one event at a time, so a value split across two of them is not found.
@@ -196,48 +196,6 @@ def redact_outside_choices(data: dict, kinds: frozenset[str]) -> dict[str, int]:
     return counts
 
 
-def redact_choice_rest(choice: dict, kinds: frozenset[str]) -> dict[str, int]:
-    """Redact, in place, the strings of a choice that no channel carries; return the counts.
-
-    These are the tool names, ids and roles inside the delta and every field beside the
-    delta or legacy ``text`` (a provider's own additions). Each is redacted within its own
-    event. ``logprobs`` are left to ``drop_logprobs``.
-    """
-    counts: dict[str, int] = {}
-    if isinstance(choice.get("delta"), dict):
-        channel_field = "delta"
-    elif isinstance(choice.get("text"), str):
-        channel_field = "text"
-    else:
-        channel_field = None
-    for name, value in list(choice.items()):
-        if name == "logprobs":
-            continue
-        if name == channel_field:
-            if name == "delta":
-                _add_counts(counts, _redact_metadata_fields(value, kinds))
-            continue
-        choice[name], found = redaction.redact_json_strings(value, kinds)
-        _add_counts(counts, found)
-    return counts
-
-
-def _redact_metadata_fields(value: object, kinds: frozenset[str]) -> dict[str, int]:
-    """Redact the strings under the names in _CHAT_METADATA_FIELDS, at any depth of a delta."""
-    counts: dict[str, int] = {}
-    if isinstance(value, dict):
-        for name, item in value.items():
-            if name in _CHAT_METADATA_FIELDS and isinstance(item, str):
-                value[name], found = redaction.redact_text(item, kinds)
-                _add_counts(counts, found)
-            elif isinstance(item, (dict, list)):
-                _add_counts(counts, _redact_metadata_fields(item, kinds))
-    elif isinstance(value, list):
-        for item in value:
-            _add_counts(counts, _redact_metadata_fields(item, kinds))
-    return counts
-
-
 def redact_raw_event(event: SseEvent, kinds: frozenset[str]) -> tuple[SseEvent, dict[str, int]]:
     """Redact an event's bytes as text; return it (a new event when changed) and the counts.
 
@@ -284,8 +242,6 @@ def redact_held_events(
             parsed[position], found = redaction.redact_json_strings(data, kinds)
         elif request_type != "responses":
             found = redact_outside_choices(data, kinds)
-            for choice in choices_of(data):
-                _add_counts(found, redact_choice_rest(choice, kinds))
         else:
             found = {}
         if found:
@@ -412,7 +368,6 @@ class LiveRedactor:
                     _put_at(choice, key[2], self._release(key, "", final=True))
                 if isinstance(index, int | str):
                     self._finished_choices.add(index)
-            _add_counts(self.counts, redact_choice_rest(choice, self.kinds))
         drop_logprobs(data)
         return make_event(data, event.event)
 
