@@ -172,23 +172,27 @@ class RequestFields:
     system_prompt: str = ""
     # Tool definitions and output schemas: the model reads their text as instructions.
     definitions: list = field(default_factory=list)
+    _definitions_message: dict | None = field(default=None, repr=False, compare=False)
 
     def policy_messages(self) -> list[dict]:
         """Return the messages, then one system message with the definitions as JSON text.
 
-        Built only for the policy input, so that traces store the conversation alone.
+        Built only for the policy input, so that traces store the conversation alone, and
+        once per request, although both stages' policies may read it.
         """
         if not self.definitions:
             return self.messages
-        text = json.dumps(self.definitions, separators=(",", ":"), ensure_ascii=False)
-        if any(f'"{key}"' in text for key in _SECRET_KEYS):
-            # Rare (MCP tools): rebuilt without the credentials, which are not model text.
-            text = json.dumps(
-                _without_keys(self.definitions, _SECRET_KEYS),
-                separators=(",", ":"),
-                ensure_ascii=False,
-            )
-        return [*self.messages, {"role": "system", "content": text}]
+        if self._definitions_message is None:
+            text = json.dumps(self.definitions, separators=(",", ":"), ensure_ascii=False)
+            if any(f'"{key}"' in text for key in _SECRET_KEYS):
+                # Rare (MCP tools): rebuilt without the credentials, which are not model text.
+                text = json.dumps(
+                    _without_keys(self.definitions, _SECRET_KEYS),
+                    separators=(",", ":"),
+                    ensure_ascii=False,
+                )
+            self._definitions_message = {"role": "system", "content": text}
+        return [*self.messages, self._definitions_message]
 
 
 def extract_fields(request_type: str, body: dict) -> RequestFields:
