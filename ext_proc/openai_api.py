@@ -463,11 +463,10 @@ def _without_keys(value: Any, skipped: frozenset[str]) -> Any:
     return value
 
 
-def _strings_in(value: Any, skipped: frozenset[str], keys: bool = False) -> list[str]:
+def _strings_in(value: Any, skipped: frozenset[str]) -> list[str]:
     """Collect the strings in a value in document order, without recursion.
 
-    Values under a key in ``skipped`` are left out at any depth. With ``keys``, every other
-    object key is collected too, before its value.
+    Values under a key in ``skipped`` are left out at any depth.
     """
     strings = []
     pending: list[Any] = [value]
@@ -476,13 +475,7 @@ def _strings_in(value: Any, skipped: frozenset[str], keys: bool = False) -> list
         if isinstance(value, str):
             strings.append(value)
         elif isinstance(value, dict):
-            entries = []
-            for key, item in value.items():
-                if key in skipped:
-                    continue
-                if keys:
-                    entries.append(key)
-                entries.append(item)
+            entries = [item for key, item in value.items() if key not in skipped]
             entries.reverse()
             pending.extend(entries)
         elif isinstance(value, list):
