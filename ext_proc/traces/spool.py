@@ -7,7 +7,8 @@ or absent. Replaying with the stored token makes a batch that did reach the stor
 the failure a no-op the second time.
 
 ``WriteAheadLog`` is the collector's log of accepted exports that are not yet written or
-spooled. It is not fsync'd, so it survives a kill of the process but not a power loss.
+spooled. It is not fsync'd, so it survives a kill of the process, but a power loss can
+lose what the kernel had not yet written to disk.
 """
 
 from __future__ import annotations
