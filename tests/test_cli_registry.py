@@ -121,7 +121,7 @@ def test_policy_file_edited_in_place_enforced(gateway, tmp_path):
         assert chat(access.key, access.base_url).parse().choices[0].message.content == ANSWER
 
 
-def test_key_create_names_key_before_printing_it(gateway):
+def test_key_create_prints_id_first(gateway):
     proxy_id = gateway.new_proxy("closed-pipe").proxy_id
     command = [sys.executable, "-m", "ext_proc.cli", "key", "create", "--proxy", proxy_id]
 

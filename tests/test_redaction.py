@@ -709,7 +709,7 @@ def test_lookalikes_without_match_kept():
     assert redact_text(text, BOTH) == (text, {})
 
 
-def test_live_text_after_finish_reason_not_sent():
+def test_live_text_after_finish_dropped():
     events = [
         chat_chunk({"content": "write bob@exa"}, "stop"),
         chat_chunk({"content": "mple.com now"}),

@@ -58,7 +58,7 @@ def test_client_leaving_held_stream_recorded(gateway):
     assert rows[0]["stream_completed"] is False
 
 
-def test_access_log_names_trace_of_service_error(gateway):
+def test_access_log_names_error_trace(gateway):
     proxy_id = gateway.cli(
         "proxy", "create", "--name", "no-credential", "--upstream-url", gateway.provider.base_url,
         "--upstream-key-env", "XENOVIA_TEST_VARIABLE_NOT_SET",

@@ -510,7 +510,7 @@ def test_streamed_comment_lines_redacted(redacting, mode, shape):
     assert sse_payloads(response.content)[-1] == "[DONE]"
 
 
-def test_live_text_after_finish_reason_not_sent(redacting):
+def test_live_text_after_finish_dropped(redacting):
     finished = '{"choices":[{"index":0,"delta":{"content":"jane.doe@exa"},"finish_reason":"stop"}]}'
     rest = '{"choices":[{"index":0,"delta":{"content":"mple.com"}}]}'
     raw_event = f"data: {finished}\\n\\ndata: {rest}\\n\\n"
