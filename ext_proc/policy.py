@@ -48,7 +48,11 @@ STAGES = ("request", "response")
 RULE_ID_INPUT_ERROR = "input.error"
 RULE_ID_ENGINE_ERROR = "engine.error"
 
-_DECISION_RULE = "data.xenovia.decision.decisions"
+# With regorus 0.13, each segment of a package path costs about 5 us per evaluation of the
+# bench request policy (measured), so attached policies and the decision module get
+# one-segment package names.
+_DECISION_PACKAGE = "xenovia_decision"
+_DECISION_RULE = f"data.{_DECISION_PACKAGE}.decisions"
 
 # Exceptions that must stop the process rather than turn into a deny. Everything else raised
 # by regorus is caught, including pyo3's PanicException, which derives from BaseException.
@@ -180,9 +184,13 @@ class _Verdict:
     error: str | None = None
 
 
+def _attached_package(index: int) -> str:
+    return f"xenovia_attached_p{index}"
+
+
 def _decision_module(policies: Sequence[CompiledPolicy]) -> str:
     """Generate the module whose `decisions` rule lists [deny, allow, redact_fields] per policy."""
-    lines = ["package xenovia.decision", ""]
+    lines = [f"package {_DECISION_PACKAGE}", ""]
     rows = []
     for index, policy in enumerate(policies):
         if policy.decision_rules is None:
@@ -191,7 +199,7 @@ def _decision_module(policies: Sequence[CompiledPolicy]) -> str:
             forms = dict(policy.decision_rules)
         values = []
         for rule in DECISION_RULES:
-            ref = f"data.xenovia.attached.p{index}.{rule}"
+            ref = f"data.{_attached_package(index)}.{rule}"
             if rule not in forms:
                 values.append("null")
             elif forms[rule] == "always":
@@ -289,7 +297,7 @@ class PolicyEngine:
     The policies attached to one proxy for one stage, evaluated together.
 
     `policies` is a sequence of (CompiledPolicy, dry_run). Each policy is loaded under its own
-    package, `xenovia.attached.p<index>`, so rules such as `default allow` never collide, and a
+    package, `xenovia_attached_p<index>`, so rules such as `default allow` never collide, and a
     generated module gathers every policy's `deny`, `allow` and `redact_fields` so that
     `evaluate` makes a single evaluation call.
 
@@ -309,6 +317,11 @@ class PolicyEngine:
         self._request_keys = _union_or_none(policy.request_keys for policy, _ in policies)
         self._gathers_prints = any("print(" in policy.module_text for policy, _ in policies)
         self._engine = self._build(policies)
+        # A lone policy with nothing but an always-defined `deny` is evaluated by that rule,
+        # without the generated module's list around it (about 4 us less per evaluation).
+        self._deny_rule = None
+        if len(policies) == 1 and policies[0][0].decision_rules == (("deny", "always"),):
+            self._deny_rule = f"data.{_attached_package(0)}.deny"
 
     def _build(self, policies: Sequence[tuple[CompiledPolicy, bool]]) -> regorus.Engine:
         engine = regorus.Engine()
@@ -316,7 +329,7 @@ class PolicyEngine:
         for index, ((policy, _), attached) in enumerate(zip(policies, self._policies)):
             # The v0/v1 switch applies when a module is parsed, so it is set per module.
             engine.set_rego_v0(policy.rego_version == "v0")
-            module = policy_source.renamed_package(policy.module_text, f"xenovia.attached.p{index}")
+            module = policy_source.renamed_package(policy.module_text, _attached_package(index))
             try:
                 engine.add_policy(attached.path, module)
             except RuntimeError as exc:
@@ -363,7 +376,10 @@ class PolicyEngine:
             return _input_error(policy_source.one_line_error(exc))
 
         try:
-            results = self._engine.eval_rule(_DECISION_RULE)
+            if self._deny_rule is None:
+                results = self._engine.eval_rule(_DECISION_RULE)
+            else:
+                results = [[self._engine.eval_rule(self._deny_rule), None, None]]
         except _FATAL:
             raise
         except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL
@@ -382,7 +398,7 @@ class PolicyEngine:
         verdicts = []
         for index, policy in enumerate(self._policies):
             try:
-                values = self._engine.eval_rule(f"data.xenovia.decision.p{index}")
+                values = self._engine.eval_rule(f"data.{_DECISION_PACKAGE}.p{index}")
             except _FATAL:
                 raise
             except BaseException as exc:  # noqa: BLE001 - fails closed, see _FATAL

@@ -387,6 +387,40 @@ def test_same_policy_attached_twice():
     assert decision.dry_run_rule_id == "seed.deny"
 
 
+LONE_DENY = """package xenovia.policy
+
+deny contains "too many messages" if count(input.messages) > 2
+
+deny contains sprintf("tool %s", [tool]) if {
+    some tool in input.tool_names
+    tool == "shell_exec"
+}
+"""
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"messages": [1, 2, 3], "tool_names": ["shell_exec"]},
+        {"messages": [], "tool_names": []},
+        {"messages": 5, "tool_names": []},  # count() of a number: a runtime error
+    ],
+)
+def test_lone_deny_policy_decides_as_with_others(dry_run, document):
+    # A lone deny-only policy is evaluated through its deny rule alone; the decision must be
+    # the one the generated decision module gives when another policy is attached beside it.
+    lone = compile_policy(LONE_DENY, "lone")
+    assert lone.decision_rules == (("deny", "always"),)
+    bystander = compile_policy("package xenovia.policy\n\nallow := true\n", "bystander")
+    alone = _evaluate([(lone, dry_run)], document)
+    beside = _evaluate([(lone, dry_run), (bystander, False)], document)
+    for field in ("outcome", "rule_id", "reasons", "dry_run_denied", "dry_run_rule_id", "error"):
+        assert getattr(alone, field) == getattr(beside, field), field
+    if document["messages"] == 5:
+        assert alone.error and (alone.dry_run_rule_id if dry_run else alone.rule_id) == "lone.error"
+
+
 def test_hand_built_compiled_policy_is_evaluated_generically():
     compiled = compile_policy(SEED_V1, "seed")
     plain = CompiledPolicy(
