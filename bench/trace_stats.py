@@ -63,7 +63,7 @@ class TraceStats:
 
 def wait_for_flush(socket_path: Path) -> trace_pb2.StatsResponse:
     """Wait until the collector has no unwritten traces in memory; return its counters."""
-    time.sleep(1.0)  # the workers' exporters flush every 50 ms; let them send the last batch
+    time.sleep(1.0)  # the workers' exporters send within 0.5 s; let them send the last batch
     with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         stub = trace_pb2_grpc.TraceCollectorStub(channel)
         deadline = time.monotonic() + FLUSH_TIMEOUT_SECONDS
