@@ -41,7 +41,7 @@ class Gateway:
         self.watcher = RegistryWatcher(settings.home)
         self.address_check = ResolvedAddressCheck()
         self._engines: dict[tuple, policy.PolicyEngine] = {}
-        self._engine_errors: dict[tuple, str] = {}
+        self._engine_errors: dict[tuple, PolicyUnavailable] = {}
         self._poll_task: asyncio.Task | None = None
         self.watcher.poll()
 
@@ -50,6 +50,7 @@ class Gateway:
         return self.watcher.registry
 
     def start(self) -> None:
+        self._compile_attached()
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def stop(self) -> None:
@@ -62,6 +63,7 @@ class Gateway:
             try:
                 if self.watcher.poll():
                     self._drop_stale_engines()
+                    self._compile_attached()
             except Exception:
                 logger.exception("registry poll failed")
 
@@ -74,6 +76,23 @@ class Gateway:
             if key not in live:
                 del self._engines[key]
         self._engine_errors = {k: v for k, v in self._engine_errors.items() if k in live}
+
+    def _compile_attached(self) -> None:
+        # Compiling every attached policy as soon as it loads, instead of at its first call,
+        # lets /healthz report a policy that does not compile before a call is denied by it.
+        for proxy in self.registry.proxies.values():
+            for stage in proxy.policies:
+                try:
+                    self.policy_engine(proxy, stage)
+                except PolicyUnavailable:
+                    pass  # policy_engine logged it, and policy_errors() reports it
+
+    def policy_errors(self) -> list[dict[str, str]]:
+        """Return the attached policies that do not compile, one entry per proxy and stage."""
+        return [
+            {"proxy_id": proxy_id, "stage": stage, "policy": error.policy_name, "error": str(error)}
+            for (proxy_id, stage, _), error in self._engine_errors.items()
+        ]
 
     def _engine_key(self, proxy: Proxy, stage: str) -> tuple:
         # Keyed by the policy text on disk, not the hash recorded at attach time, so that a

@@ -325,6 +325,11 @@ class Exchange:
             # force until the files load again, which monitoring should see.
             health["status"] = "degraded"
             health["registry_error"] = self.gateway.watcher.error
+        policy_errors = self.gateway.policy_errors()
+        if policy_errors:
+            # Calls at those stages are denied with policy_error until the files compile.
+            health["status"] = "degraded"
+            health["policy_errors"] = policy_errors
         body = json.dumps(health).encode()
         return msgs.immediate_reply(200, body, self.trace_headers(), "health")
 

@@ -306,6 +306,31 @@ def test_health_reports_registry_that_fails_to_load(gateway):
     assert restored["status"] == "ok"
 
 
+def test_health_reports_policy_that_fails_to_compile(gateway, tmp_path):
+    access = gateway.new_proxy("health-policy")
+    gate = tmp_path / "gate.rego"
+    gate.write_text("package xenovia.policy\n\ndeny := false\n")
+    assert gateway.attach(access.proxy_id, "request", gate).returncode == 0
+    policy_file = home_paths.policy_file(gateway.home, access.proxy_id, "request", "gate")
+    good = policy_file.read_bytes()
+    try:
+        home_paths.write_atomically(policy_file, b"package xenovia.policy\n\ndeny := {\n")
+
+        # No call has reached the proxy since the edit: the health check alone must tell.
+        broken = _wait_for_health(gateway, lambda health: "policy_errors" in health)
+
+        assert broken["status"] == "degraded"
+        [error] = broken["policy_errors"]
+        assert error["proxy_id"] == access.proxy_id
+        assert error["stage"] == "request"
+        assert error["policy"] == "gate"
+        assert "does not compile" in error["error"]
+    finally:
+        home_paths.write_atomically(policy_file, good)
+    restored = _wait_for_health(gateway, lambda health: "policy_errors" not in health)
+    assert restored["status"] == "ok"
+
+
 def test_lock_that_is_not_a_file_rejected(tmp_path):
     (tmp_path / ".registry.lock").mkdir()
 
