@@ -44,19 +44,32 @@ def _print_json_lines(rows: list[dict]) -> int:
 
 
 def cmd_up(args) -> int:
-    from ext_proc.supervisor import GatewayProcesses, StartupError
+    from ext_proc.supervisor import GatewayProcesses, StartupError, envoy_endpoint_address
 
+    if args.ext_proc_port is not None and args.ext_proc_transport != "tcp":
+        print("error: --ext-proc-port needs --ext-proc-transport tcp", file=sys.stderr)
+        return 2
     home = home_paths.home_dir(getattr(args, "home", None))
     gateway = GatewayProcesses(home, args.port, args.admin_port, args.workers, args.listen,
-                               args.ext_proc_transport)
+                               args.ext_proc_transport, envoy=not args.no_envoy,
+                               ext_proc_port=args.ext_proc_port)
     try:
         gateway.start()
     except StartupError as exc:
         logger.error("%s", exc)
         gateway.stop()
         return 1
-    print(f"Xenovia gateway listening on http://{args.listen}:{args.port} (home {home}); "
-          "Ctrl-C stops it", file=sys.stderr, flush=True)
+    if args.no_envoy:
+        print("Point the ext_proc cluster of your Envoy (as in envoy/envoy.yaml) at these "
+              "endpoints:", file=sys.stderr)
+        for endpoint in gateway.ext_proc_endpoints:
+            print(f"    - endpoint: {{ address: {{ {envoy_endpoint_address(endpoint)} }} }}",
+                  file=sys.stderr)
+        print(f"Xenovia ext_proc workers and trace collector running without Envoy (home {home}); "
+              "Ctrl-C stops them", file=sys.stderr, flush=True)
+    else:
+        print(f"Xenovia gateway listening on http://{args.listen}:{args.port} (home {home}); "
+              "Ctrl-C stops it", file=sys.stderr, flush=True)
     try:
         return gateway.wait()
     finally:
@@ -213,15 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the gateway in the foreground")
-    up.add_argument("--port", type=int, default=8080, help="listener port (default 8080)")
+    up.add_argument("--port", type=int, default=os.environ.get("XENOVIA_PORT", "8080"),
+                    help="listener port (default $XENOVIA_PORT or 8080)")
     up.add_argument("--listen", default="127.0.0.1", help="listener address (default 127.0.0.1)")
-    up.add_argument("--admin-port", type=int, default=9901,
-                    help="Envoy admin port on 127.0.0.1 (default 9901)")
+    up.add_argument("--admin-port", type=int, default=os.environ.get("XENOVIA_ADMIN_PORT", "0"),
+                    help="Envoy admin port on 127.0.0.1 (default $XENOVIA_ADMIN_PORT, else 0: a "
+                         "free port, written to envoy-admin.address in the home's run folder)")
     up.add_argument("--workers", type=int, default=int(os.environ.get("XENOVIA_WORKERS", "1")),
                     help="ext_proc worker processes (default 1)")
     up.add_argument("--ext-proc-transport", choices=("unix", "tcp"),
                     default=os.environ.get("XENOVIA_EXT_PROC_TRANSPORT", "unix"),
                     help="how Envoy reaches the workers: Unix sockets (default) or TCP on loopback")
+    up.add_argument("--ext-proc-port", type=int, default=None,
+                    help="with --ext-proc-transport tcp, worker i listens on 127.0.0.1 at this "
+                         "port + i (default: free ports chosen at each start)")
+    up.add_argument("--no-envoy", action="store_true",
+                    help="run only the ext_proc workers and the trace collector, for an Envoy you "
+                         "run yourself; prints the endpoints for its ext_proc cluster")
     up.set_defaults(handler=cmd_up)
 
     _add_proxy_commands(commands)

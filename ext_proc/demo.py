@@ -98,16 +98,19 @@ def main() -> int:
     home = home_paths.home_dir()
     home_paths.run_dir(home).mkdir(parents=True, exist_ok=True)
     port = int(os.environ.get("XENOVIA_PORT", DEFAULT_PORT))
+    # The admin port defaults to 0, a free port, so that make run does not collide with
+    # another Envoy's admin API (9901 is every Envoy's default).
+    gateway = GatewayProcesses(home, port, int(os.environ.get("XENOVIA_ADMIN_PORT", 0)))
     upstream = os.environ.get("XENOVIA_DEMO_UPSTREAM_URL")
     mock_process = None
     try:
+        gateway.check_ports()
         if upstream is None:
             mock_process, mock_port = start_mock_provider(
                 home, int(os.environ.get("XENOVIA_MOCK_PORT", DEFAULT_MOCK_PORT))
             )
             upstream = f"http://127.0.0.1:{mock_port}/v1"
         proxy_id, key = ensure_demo_proxy(home, upstream, os.environ.get("XENOVIA_DEMO_UPSTREAM_KEY_ENV"))
-        gateway = GatewayProcesses(home, port, int(os.environ.get("XENOVIA_ADMIN_PORT", 9901)))
         try:
             gateway.start()
             print_banner(f"http://127.0.0.1:{port}/a/{proxy_id}/openai/v1", key, upstream,

@@ -1,12 +1,15 @@
 """``xenovia up``: run the trace collector, the ext_proc workers and Envoy in the foreground.
 
 Start order is collector, workers, Envoy, so that no request arrives before the service
-that governs it. Stop order is the reverse, so that in-flight traces are flushed.
+that governs it. Stop order is the reverse, so that in-flight traces are flushed. Without
+Envoy (``xenovia up --no-envoy``), the workers serve an Envoy that the operator runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import json
 import logging
 import os
 import shutil
@@ -37,6 +40,11 @@ GRPC_ENVIRONMENT = {
     "GRPC_EXPERIMENTS": "-event_engine_listener,-event_engine_for_all_other_endpoints",
 }
 MAX_RESTARTS_PER_WINDOW = 5
+# Envoy writes the address its admin API listens on to this file in the run folder
+# (--admin-address-path), which matters when the admin port is 0 (any free port).
+ADMIN_ADDRESS_FILE = "envoy-admin.address"
+# Calls to the admin API on loopback must not go through an HTTP proxy from the environment.
+_ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _die_with_parent() -> None:
@@ -55,6 +63,31 @@ class StartupError(RuntimeError):
     """A component of the gateway did not start."""
 
 
+def check_port_free(address: str, port: int, role: str, setting: str) -> None:
+    """Raise StartupError naming ``setting`` when ``address:port`` cannot be bound.
+
+    Envoy and gRPC bind with SO_REUSEADDR, so the probe does too: a closed connection
+    still in TIME_WAIT on the port does not count as a holder, a listening socket does.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            reason = ("is in use by another process" if exc.errno == errno.EADDRINUSE
+                      else f"cannot be bound: {exc.strerror}")
+            raise StartupError(f"{role} port {port} on {address} {reason}; "
+                               f"choose another with {setting}") from None
+
+
+def envoy_endpoint_address(endpoint: Path | tuple[str, int]) -> str:
+    """Return the Envoy address of a worker endpoint, as a cluster's endpoint takes it."""
+    if isinstance(endpoint, tuple):
+        return f"socket_address: {{ address: {endpoint[0]}, port_value: {endpoint[1]} }}"
+    return f"pipe: {{ path: {endpoint} }}"
+
+
 def envoy_binary() -> str:
     beside_python = Path(sys.executable).parent / "envoy"
     if beside_python.exists():
@@ -66,15 +99,22 @@ def envoy_binary() -> str:
 
 
 class GatewayProcesses:
-    def __init__(self, home: Path, port: int, admin_port: int, workers: int = 1,
-                 listen_address: str = "127.0.0.1", ext_proc_transport: str = "unix") -> None:
+    def __init__(self, home: Path, port: int, admin_port: int = 0, workers: int = 1,
+                 listen_address: str = "127.0.0.1", ext_proc_transport: str = "unix",
+                 envoy: bool = True, ext_proc_port: int | None = None) -> None:
         self.home = home
         self.port = port
+        # 0 lets Envoy pick a free port, so that gateways on one machine do not collide.
         self.admin_port = admin_port
         self.workers = workers
         self.listen_address = listen_address
-        # Envoy reaches the workers over Unix sockets, or TCP on loopback when asked.
+        # Envoy reaches the workers over Unix sockets, or TCP on loopback when asked. With
+        # TCP, worker i listens on ext_proc_port + i, or on a free port when it is None.
         self.ext_proc_transport = ext_proc_transport
+        self.ext_proc_port = ext_proc_port
+        self.envoy = envoy
+        self.ext_proc_endpoints: list[Path | tuple[str, int]] = []
+        self.admin_address: str | None = None
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.commands: dict[str, list[str]] = {}
         self.restarts: dict[str, list[float]] = {}
@@ -117,7 +157,25 @@ class GatewayProcesses:
                        name, replacement.pid, process.returncode)
         return True
 
+    def check_ports(self) -> None:
+        """Raise StartupError when a port this gateway must listen on is taken.
+
+        Envoy would otherwise fail to bind a moment after start. Worse, another Envoy on
+        the admin port would answer the readiness check in its place.
+        """
+        if self.envoy:
+            check_port_free(self.listen_address, self.port, "listener",
+                            "--port or XENOVIA_PORT")
+            if self.admin_port:
+                check_port_free("127.0.0.1", self.admin_port, "Envoy admin",
+                                "--admin-port or XENOVIA_ADMIN_PORT (0 picks a free port)")
+        if self.ext_proc_transport == "tcp" and self.ext_proc_port:
+            for index in range(self.workers):
+                check_port_free("127.0.0.1", self.ext_proc_port + index,
+                                f"ext_proc worker {index}", "--ext-proc-port")
+
     def start(self) -> None:
+        self.check_ports()
         run_dir = home_paths.run_dir(self.home)
         run_dir.mkdir(parents=True, exist_ok=True)
         collector_socket = collector_socket_path(self.home)
@@ -126,16 +184,23 @@ class GatewayProcesses:
                                   "--socket", str(collector_socket), "--home", str(self.home)])
         self._wait_for_socket("collector", collector_socket)
 
-        endpoints = self._start_workers(collector_socket)
+        self.ext_proc_endpoints = self._start_workers(collector_socket)
+        if self.envoy:
+            self._start_envoy(run_dir)
+
+    def _start_envoy(self, run_dir: Path) -> None:
         config_path = run_dir / "envoy.yaml"
         config_path.write_text(render_envoy_config(
-            listen_port=self.port, admin_port=self.admin_port, ext_proc_endpoints=endpoints,
-            listen_address=self.listen_address,
+            listen_port=self.port, admin_port=self.admin_port,
+            ext_proc_endpoints=self.ext_proc_endpoints, listen_address=self.listen_address,
         ))
+        address_file = run_dir / ADMIN_ADDRESS_FILE
+        address_file.unlink(missing_ok=True)
         self._spawn("envoy", [envoy_binary(), "-c", str(config_path), "--disable-hot-restart",
+                              "--admin-address-path", str(address_file),
                               "--log-level", os.environ.get("XENOVIA_ENVOY_LOG_LEVEL", "warn"),
                               "--concurrency", os.environ.get("XENOVIA_ENVOY_CONCURRENCY", "1")])
-        self._wait_for_envoy()
+        self._wait_for_envoy(config_path, address_file)
 
     def _start_workers(self, collector_socket: Path) -> list:
         endpoints: list = []
@@ -143,7 +208,8 @@ class GatewayProcesses:
             command = [sys.executable, "-m", "ext_proc.server", "--home", str(self.home),
                        "--collector-socket", str(collector_socket)]
             if self.ext_proc_transport == "tcp":
-                endpoint = ("127.0.0.1", _free_port())
+                port = self.ext_proc_port + index if self.ext_proc_port else _free_port()
+                endpoint = ("127.0.0.1", port)
                 command += ["--tcp", f"{endpoint[0]}:{endpoint[1]}"]
             else:
                 endpoint = home_paths.ext_proc_socket(self.home, index)
@@ -185,19 +251,26 @@ class GatewayProcesses:
                 raise StartupError(f"{name} did not create {path} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
             time.sleep(0.05)
 
-    def _wait_for_envoy(self) -> None:
+    def _wait_for_envoy(self, config_path: Path, address_file: Path) -> None:
+        """Wait until the Envoy started here is live, with its listener bound.
+
+        Only that Envoy writes ``address_file``, and its /server_info must name
+        ``config_path``, so another Envoy on the same admin port is never taken for it.
+        """
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        seen = "no admin address yet"
         while True:
             self._check_alive()
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            address = _read_admin_address(address_file)
+            if address is not None:
+                seen = _envoy_state(address, config_path)
+                if seen == "LIVE":
+                    self.admin_address = address
+                    logger.info("envoy is live; its admin API listens on %s", address)
+                    return
             if time.monotonic() > deadline:
-                raise StartupError(f"envoy was not ready at {url} within {STARTUP_TIMEOUT_SECONDS:.0f} s")
+                raise StartupError(f"envoy was not live within {STARTUP_TIMEOUT_SECONDS:.0f} s "
+                                   f"({seen})")
             time.sleep(0.05)
 
     def wait(self) -> int:
@@ -231,3 +304,27 @@ class GatewayProcesses:
                     process.wait()
             logger.info("stopped %s", name)
         self.processes.clear()
+
+
+def _read_admin_address(address_file: Path) -> str | None:
+    try:
+        address = address_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    # Envoy may not have written the whole "host:port" yet.
+    host, _, port = address.rpartition(":")
+    return address if host and port.isdigit() else None
+
+
+def _envoy_state(address: str, config_path: Path) -> str:
+    """Return the server state of the Envoy at ``address`` ("LIVE" once ready), or why not."""
+    url = f"http://{address}/server_info"
+    try:
+        with _ADMIN_OPENER.open(url, timeout=1) as response:
+            info = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"{url}: {exc}"
+    served_config = info.get("command_line_options", {}).get("config_path")
+    if served_config != str(config_path):
+        return f"{url} is another Envoy's, with config {served_config!r}"
+    return str(info.get("state"))

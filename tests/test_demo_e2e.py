@@ -3,12 +3,14 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from gateway_harness import REPO_ROOT, child_environment, free_port, run_cli
 from openai import OpenAI
+from other_envoy import start_other_envoy, stop_other_envoy
 
 from ext_proc.mock_provider import DEFAULT_ANSWER
 
@@ -59,3 +61,49 @@ def test_demo_banner_works_as_printed(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_demo_stops_when_admin_port_taken(tmp_path):
+    """Another Envoy on the admin port: make run names the port and never prints the banner."""
+    admin_port = free_port()
+    other = start_other_envoy(tmp_path / "other", admin_port)
+    environment = child_environment(tmp_path / "home", {
+        "XENOVIA_PORT": str(free_port()),
+        "XENOVIA_ADMIN_PORT": str(admin_port),
+        "XENOVIA_MOCK_PORT": str(free_port()),
+    })
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "ext_proc.demo"], env=environment, cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=120,
+        )
+        other_alive = other.poll() is None
+    finally:
+        stop_other_envoy(other)
+
+    assert result.returncode == 1
+    assert "is running" not in result.stdout
+    assert (f"Envoy admin port {admin_port} on 127.0.0.1 is in use by another process; "
+            "choose another with --admin-port or XENOVIA_ADMIN_PORT") in result.stderr
+    assert other_alive
+
+
+def test_demo_stops_when_listener_port_taken(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        environment = child_environment(tmp_path / "home", {
+            "XENOVIA_PORT": str(port),
+            "XENOVIA_MOCK_PORT": str(free_port()),
+        })
+        environment.pop("XENOVIA_ADMIN_PORT", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "ext_proc.demo"], env=environment, cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=120,
+        )
+
+    assert result.returncode == 1
+    assert "is running" not in result.stdout
+    assert (f"listener port {port} on 127.0.0.1 is in use by another process; "
+            "choose another with --port or XENOVIA_PORT") in result.stderr
