@@ -50,6 +50,14 @@ class Mutation:
     def replace_body(self, body: bytes) -> None:
         self.body = body
 
+    def header_count_after(self, names: list[str]) -> int:
+        """Return how many header entries a map with entries ``names`` has after this mutation."""
+        removed = set(self.remove_headers)
+        kept = [name for name in names if name not in removed]
+        present = set(kept)
+        added = {name for name, _ in self.set_headers if name not in present}
+        return len(kept) + len(added)
+
     def common_response(self) -> ext_proc_pb2.CommonResponse:
         common = ext_proc_pb2.CommonResponse(clear_route_cache=self.clear_route_cache)
         if self.add_body:

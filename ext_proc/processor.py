@@ -37,6 +37,9 @@ KEY_HEADER = "x-xenovia-key"
 HEALTH_PATHS = ("/healthz", "/health")
 MAX_SESSION_PATH_CHARS = 512
 MAX_FLOW_ID_CHARS = 128
+# Envoy's default max_headers_count, which envoy/envoy.yaml keeps. Envoy applies it to the
+# request after this service's header changes as well, pseudo-headers included.
+MAX_REQUEST_HEADERS = 100
 
 # Client headers that never reach the provider: our own, the client's credentials, and
 # accept-encoding so that providers send uncompressed bodies the gateway can inspect.
@@ -154,9 +157,9 @@ class Exchange:
         else:
             body = error.body(self.trace_id)
         self.finished = True
-        return msgs.immediate_reply(
-            error.status, body, self.trace_headers(), details, {"trace_id": self.trace_id}
-        )
+        # OpenAI SDKs take an error's request_id from x-request-id, so it names the trace too.
+        headers = {**self.trace_headers(), "x-request-id": self.trace_id}
+        return msgs.immediate_reply(error.status, body, headers, details, {"trace_id": self.trace_id})
 
     def trace_headers(self) -> dict[str, str]:
         if not self.session_id:
@@ -214,7 +217,7 @@ class Exchange:
             )
         if message.end_of_stream:
             raise GatewayError(400, errors.INVALID_JSON, "request body is empty; expected a JSON object")
-        return self._route_upstream(route, headers)
+        return self._route_upstream(route, headers, [h.key for h in message.headers.headers])
 
     def _read_enrichment_headers(self, headers: dict[str, str]) -> None:
         raw_session = headers.get(SESSION_HEADER)
@@ -279,7 +282,7 @@ class Exchange:
             raise GatewayError(404, errors.PROXY_NOT_FOUND, f"proxy {proxy_id} not found", errors.NOT_FOUND)
         self.proxy = proxy
 
-    def _route_upstream(self, route, headers: dict[str, str]) -> msgs.ProcessingResponse:
+    def _route_upstream(self, route, headers: dict[str, str], names: list[str]) -> msgs.ProcessingResponse:
         upstream = self.proxy.upstream
         forbidden = self.gateway.address_check.error_for(upstream.host, upstream.port)
         if forbidden:
@@ -308,6 +311,15 @@ class Exchange:
         # The service always sets it, so a value sent by the client has no effect.
         mutation.set("x-xenovia-upstream", upstream.scheme)
         mutation.clear_route_cache = True
+        count = mutation.header_count_after(names)
+        if count > MAX_REQUEST_HEADERS:
+            # Envoy would reject the mutated request with a bare 503 and reset this stream.
+            # 400, not 431: envoy/ rewrites every 431 body as one of its own local replies.
+            raise GatewayError(
+                400, errors.TOO_MANY_HEADERS,
+                f"the request has too many headers: with the gateway's own it would have {count}, "
+                f"and at most {MAX_REQUEST_HEADERS} are allowed; send fewer headers",
+            )
         return msgs.request_headers_reply(mutation, {"trace_id": self.trace_id})
 
     def _health(self) -> msgs.ProcessingResponse:

@@ -30,6 +30,7 @@ from ext_proc.stream_redaction import drop_logprobs
 logger = logging.getLogger(__name__)
 
 _SSE_TYPE = "text/event-stream"
+_READABLE_ENCODINGS = ("", "identity", "gzip", "x-gzip")
 
 
 class ResponseHandler(StreamBodies):
@@ -37,9 +38,15 @@ class ResponseHandler(StreamBodies):
         self.exchange = exchange
         self.status = exchange.status
         self.content_type = headers.get("content-type", "").lower()
-        self.gzip = headers.get("content-encoding", "").lower() in ("gzip", "x-gzip")
+        self.encoding = headers.get("content-encoding", "").strip().lower()
+        self.gzip = self.encoding in ("gzip", "x-gzip")
         self.had_content_length = "content-length" in headers
-        self.is_stream = self.content_type.startswith(_SSE_TYPE) and self.status < 400
+        self.location = headers.get("location", "")
+        # An event stream the client did not ask for is read whole, as the client reads it.
+        asked_stream = exchange.fields is not None and exchange.fields.stream
+        self.is_stream = (
+            self.content_type.startswith(_SSE_TYPE) and self.status < 400 and asked_stream
+        )
         self.output = ModelOutput(exchange.request_type) if exchange.request_type else None
         self.stream_mode = "none"
         self.stream_completed: bool | None = None
@@ -58,9 +65,29 @@ class ResponseHandler(StreamBodies):
         mutation = Mutation()
         for name, value in self.exchange.trace_headers().items():
             mutation.set(name, value)
+        if 300 <= self.status < 400:
+            return self._reject_redirect()
         if end_of_stream and self.status >= 400:
             return self._add_error_body(mutation)
-        if end_of_stream or self.exchange.proxy is None:
+        if self.exchange.proxy is None:
+            return msgs.response_headers_reply(mutation)
+        if end_of_stream:
+            if self._response_engine() is not None:
+                # Treated as an empty body: the policy has nothing to evaluate, so it is not released.
+                return self._block_response(errors.POLICY_ERROR, "the provider's answer has no body")
+            return msgs.response_headers_reply(mutation)
+        if self.encoding not in _READABLE_ENCODINGS:
+            if self._response_engine() is not None:
+                return self._block_response(
+                    errors.POLICY_ERROR,
+                    f"the provider's answer has Content-Encoding {self.encoding[:64]}, "
+                    "which the gateway cannot decode",
+                )
+            # Passed on untouched, since a body the gateway changed would no longer decode.
+            logger.info(
+                "trace %s: response with Content-Encoding %s passed on unread",
+                self.exchange.trace_id, self.encoding[:64],
+            )
             return msgs.response_headers_reply(mutation)
         if not self.is_stream:
             return msgs.response_headers_reply(mutation, msgs.BUFFERED)
@@ -83,6 +110,21 @@ class ResponseHandler(StreamBodies):
             self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
             mutation.remove("content-encoding")
         return msgs.response_headers_reply(mutation, msgs.STREAMED)
+
+    def _reject_redirect(self) -> msgs.ProcessingResponse:
+        # A client that followed the redirect would send its request to the provider's chosen
+        # host directly, past request redaction, the response policy and the trace.
+        logger.warning(
+            "trace %s: provider returned redirect HTTP %d (Location %r); returning 502",
+            self.exchange.trace_id, self.status, self.location[:200],
+        )
+        error = errors.GatewayError(
+            502, errors.UPSTREAM_REDIRECT,
+            f"the upstream answered with a redirect (HTTP {self.status}), which the gateway "
+            "does not follow or pass on; check the proxy's upstream URL",
+            errors.UPSTREAM,
+        )
+        return self.exchange.reject(error, details=errors.UPSTREAM_REDIRECT)
 
     def _response_engine(self):
         try:

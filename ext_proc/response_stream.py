@@ -19,7 +19,13 @@ from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 logger = logging.getLogger(__name__)
 
 
-_UNREADABLE = "the provider sent a stream event that is not valid JSON"
+_UNREADABLE = "the provider sent a stream event that is not valid JSON or has an unknown field"
+
+
+def _unreadable(event: SseEvent) -> bool:
+    if event.unknown_field:
+        return True
+    return bool(event.data) and event.json() is None and not event.is_done_marker
 
 
 class StreamBodies:
@@ -31,7 +37,7 @@ class StreamBodies:
         # SSE clients never dispatch a partial event at the end of a body, so it is dropped.
         events = [event for event in self._reassembler.feed(decoded) if self._observe_event(event)]
         self.stream_completed = self._stream_done()
-        if any(event.data and event.json() is None and not event.is_done_marker for event in events):
+        if any(_unreadable(event) for event in events):
             # A client may read data the gateway cannot, so the answer is not released.
             return self._block_response(errors.POLICY_ERROR, _UNREADABLE)
 
@@ -162,7 +168,7 @@ class StreamBodies:
 
     def _evaluate_live(self, event: SseEvent) -> list[SseEvent]:
         """Return the events to send for ``event``: itself, redacted events, or an error event."""
-        if event.data and event.json() is None and not event.is_done_marker:
+        if _unreadable(event):
             # A client may read data the gateway cannot, so it is not let through.
             return [self._end_with_block(Decision(outcome="deny", error=_UNREADABLE))]
         # An event without data (comment lines, an event name) is evaluated as well, because

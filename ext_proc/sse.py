@@ -12,6 +12,9 @@ class SseEvent:
     raw: bytes
     event: str = ""
     data: str = ""
+    # A line that is neither a comment nor a data, event, id or retry field. Event stream
+    # clients ignore it, but a client that reads the body some other way may not.
+    unknown_field: bool = False
 
     @property
     def is_done_marker(self) -> bool:
@@ -68,6 +71,8 @@ _BOM = b"\xef\xbb\xbf"
 _LINE_END = rb"(?:\r\n|\r(?!\n)|\n)"
 _EVENT_BOUNDARY = re.compile(_LINE_END + _LINE_END)
 _LINE_SPLIT = re.compile(r"\r\n|\r|\n")
+# Field names of the event stream format; "data" and "event" may also stand without a colon.
+_OTHER_FIELDS = ("data", "event", "id", "retry")
 
 
 def parse_event(raw: bytes) -> SseEvent:
@@ -78,6 +83,8 @@ def parse_event(raw: bytes) -> SseEvent:
             data_lines.append(line[6:] if line[5:6] == " " else line[5:])
         elif line.startswith("event:"):
             event.event = line[6:].strip()
+        elif line and not line.startswith(":") and line.partition(":")[0] not in _OTHER_FIELDS:
+            event.unknown_field = True
     event.data = "\n".join(data_lines)
     return event
 

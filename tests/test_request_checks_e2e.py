@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 
 import httpx2 as httpx
+import openai
+import pytest
 
 REDACT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "redact_pii.rego"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -78,3 +80,18 @@ def test_access_log_names_error_trace(gateway):
     while f"trace={trace_id}" not in gateway.log_tail(400) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert f"trace={trace_id}" in gateway.log_tail(400)
+
+
+def test_sdk_error_request_id_is_trace_id(gateway):
+    access = gateway.new_proxy("request-id")
+    client = openai.OpenAI(api_key=access.key, base_url=access.base_url, max_retries=0)
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES,
+            extra_headers={"X-Xenovia-Session-Id": "not-a-uuid"},
+        )
+
+    trace_id = raised.value.response.headers["x-xenovia-trace-id"]
+    assert raised.value.request_id == trace_id
+    assert raised.value.body["request_id"] == trace_id
