@@ -144,6 +144,7 @@ def compile_policy(source: str, name: str) -> CompiledPolicy:
         policy_source.lint_functions(path, module_text)
 
     ast = json.loads(engine.get_ast_as_json())[0]["ast"]
+    policy_source.reject_wrong_decision_values(ast.get("rules", []), path)
     policy = CompiledPolicy(
         name=name,
         source=source,

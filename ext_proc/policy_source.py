@@ -270,6 +270,45 @@ def _head_name(rule: dict) -> tuple[str | None, str]:
     return node["Var"].get("value"), form
 
 
+# AST nodes of literal values, and how an error names them.
+_LITERALS = {
+    "String": "a string", "RawString": "a string", "Number": "a number", "Null": "null",
+    "Bool": "a boolean", "Array": "an array", "ArrayCompr": "an array", "Set": "a set",
+    "SetCompr": "a set", "Object": "an object", "ObjectCompr": "an object",
+}
+_ACCEPTED_LITERALS = {"deny": ("Bool", "Set", "SetCompr"), "allow": ("Bool",)}
+_EXPECTED = {"deny": "a boolean or a set of strings", "allow": "a boolean"}
+
+
+def reject_wrong_decision_values(rules: list, path: str) -> None:
+    """Raise PolicyCompileError when `deny` or `allow` is given a literal of the wrong type.
+
+    Values that are not literals (references, calls) are checked when they are evaluated.
+    """
+    for rule in rules:
+        name, _ = _head_name(rule)
+        if name not in _ACCEPTED_LITERALS:
+            continue
+        head = rule.get("Spec", {}).get("head", {})
+        if "Default" in rule:
+            value, accepted = rule["Default"].get("value"), _ACCEPTED_LITERALS[name]
+        elif "Set" in head:
+            # `deny contains <reason>`: each reason must be a string.
+            value, accepted = head["Set"].get("key"), ("String", "RawString")
+        else:
+            value = (next(iter(head.values()), {}).get("assign") or {}).get("value")
+            accepted = _ACCEPTED_LITERALS[name]
+        kind = next(iter(value), None) if isinstance(value, dict) else None
+        if kind not in _LITERALS or kind in accepted:
+            continue
+        span = value[kind].get("span", {})
+        if "Set" in head:
+            message = f"each reason of {name} must be a string, got {_LITERALS[kind]}"
+        else:
+            message = f"{name} must be {_EXPECTED[name]}, got {_LITERALS[kind]}"
+        raise PolicyCompileError(path, message, span.get("line"), span.get("col"))
+
+
 def decision_rules(rules: list) -> tuple[tuple[str, str], ...]:
     """Return (rule, "always" | "sometimes") for each decision rule the module's AST defines."""
     forms: dict[str, set[str]] = {}

@@ -140,6 +140,29 @@ def test_string_deny_rejected():
     assert "deny must be a boolean or a set of strings" in str(error)
 
 
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ('deny := "nope" if input.model == "x"', "deny must be a boolean or a set of strings, got a string"),
+        ("deny contains 3 if input.x", "each reason of deny must be a string, got a number"),
+        ("allow := [1] if input.x", "allow must be a boolean, got an array"),
+        ('default allow := "yes"', "allow must be a boolean, got a string"),
+    ],
+)
+def test_wrong_literal_decision_rejected(rule, message):
+    # These rules are undefined on the minimal input, so only the AST shows the wrong type.
+    error = _compile_error(f"package xenovia.policy\n\n{rule}\n")
+
+    assert message in str(error)
+    assert error.line == 3
+
+
+def test_decision_references_left_to_runtime():
+    compiled = compile_policy("package xenovia.policy\n\ndeny := input.flag if input.flag\n", "ref")
+
+    assert compiled.name == "ref"
+
+
 def test_unknown_redaction_kind_rejected():
     error = _compile_error('package xenovia.policy\n\nredact_fields := {"phone"}\n')
     assert "phone" in str(error)
