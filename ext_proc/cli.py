@@ -92,16 +92,36 @@ def cmd_proxy_create(args) -> int:
     return 0
 
 
+# Values a proxy entry has when it does not list the field (see registry._parse_proxy).
+PROXY_FIELD_DEFAULTS = {"stream_policy_mode": "hold", "body_mode": "full",
+                        "body_limit": DEFAULT_BODY_LIMIT}
+
+
 def cmd_proxy_update(args) -> int:
-    _editor(args).update_proxy(
-        args.proxy_id,
-        name=args.name,
-        upstream_url=args.upstream_url,
-        upstream_key_env=args.upstream_key_env,
-        stream_policy_mode=args.stream_policy_mode,
-        body_mode=args.body_mode,
-        body_limit=args.body_limit,
-    )
+    editor = _editor(args)
+    changes = {
+        "name": args.name,
+        "upstream_url": args.upstream_url,
+        "upstream_key_env": args.upstream_key_env,
+        "stream_policy_mode": args.stream_policy_mode,
+        "body_mode": args.body_mode,
+        "body_limit": args.body_limit,
+    }
+    changes = {field: value for field, value in changes.items() if value is not None}
+    if not changes:
+        print("error: nothing to update; pass an option such as --name or --stream-policy-mode "
+              "(see `xenovia proxy update --help`)", file=sys.stderr)
+        return 2
+    before = next((proxy for proxy in editor.list_proxies() if proxy["id"] == args.proxy_id), {})
+    editor.update_proxy(args.proxy_id, **changes)
+    described = []
+    for field, value in changes.items():
+        old = before.get(field, PROXY_FIELD_DEFAULTS.get(field))
+        if old == value:
+            described.append(f"{field} {value!r} (unchanged)")
+        else:
+            described.append(f"{field} {'unset' if old is None else repr(old)} -> {value!r}")
+    print(f"updated proxy {args.proxy_id}: {', '.join(described)}", file=sys.stderr)
     return 0
 
 
@@ -195,7 +215,10 @@ def cmd_policy_detach(args) -> int:
 
 
 def cmd_policy_list(args) -> int:
-    rows = _editor(args).list_policies(args.proxy)
+    editor = _editor(args)
+    if args.proxy is not None and args.proxy not in {proxy["id"] for proxy in editor.list_proxies()}:
+        raise RegistryError(f"proxy {args.proxy!r} not found; see `xenovia proxy list`")
+    rows = editor.list_policies(args.proxy)
     if args.json:
         return _print_json_lines(rows)
     print(f"{'PROXY':<22} {'STAGE':<9} {'NAME':<32} {'MODE':<8} ATTACHED")

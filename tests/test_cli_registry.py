@@ -156,8 +156,9 @@ def test_delete_removes_files_and_key_scopes(gateway):
     assert all(doomed.proxy_id not in entry["proxies"] for entry in keys.values())
     assert any(entry["proxies"] == [kept.proxy_id] for entry in keys.values())
     assert home_paths.keys_file(gateway.home).stat().st_mode & 0o777 == 0o600
-    listed = gateway.cli("policy", "list", "--proxy", doomed.proxy_id, "--json").stdout
-    assert listed == ""
+    listed = gateway.cli("policy", "list", "--proxy", doomed.proxy_id, "--json", check=False)
+    assert listed.returncode == 2
+    assert listed.stdout == ""
 
 
 def test_delete_reports_key_left_without_proxy(gateway):
@@ -397,3 +398,61 @@ def test_attach_unreadable_file_prints_error_line(tmp_path):
         f"error: policy not attached, cannot read {missing}: "
         f"[Errno 2] No such file or directory: '{missing}'\n"
     )
+
+
+def _create_offline_proxy(home: Path, *options: str) -> str:
+    return run_cli(
+        home, "proxy", "create", "--name", "offline", "--upstream-url", "http://127.0.0.1:9/v1",
+        *options,
+    ).stdout.strip()
+
+
+def test_update_prints_what_changed(tmp_path):
+    from ext_proc.registry import DEFAULT_BODY_LIMIT
+
+    proxy_id = _create_offline_proxy(tmp_path)
+
+    result = run_cli(tmp_path, "proxy", "update", proxy_id, "--stream-policy-mode", "live",
+                     "--body-limit", "2048", "--upstream-key-env", "PROVIDER_KEY")
+
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"updated proxy {proxy_id}: upstream_key_env unset -> 'PROVIDER_KEY', "
+        f"stream_policy_mode 'hold' -> 'live', body_limit {DEFAULT_BODY_LIMIT} -> 2048\n"
+    )
+    assert proxies_document(tmp_path)[proxy_id]["stream_policy_mode"] == "live"
+
+
+def test_update_names_unchanged_value(tmp_path):
+    proxy_id = _create_offline_proxy(tmp_path, "--body-mode", "metadata")
+
+    result = run_cli(tmp_path, "proxy", "update", proxy_id, "--body-mode", "metadata",
+                     "--name", "renamed")
+
+    assert result.stderr == (
+        f"updated proxy {proxy_id}: name 'offline' -> 'renamed', body_mode 'metadata' (unchanged)\n"
+    )
+
+
+def test_update_without_options_rejected(tmp_path):
+    proxy_id = _create_offline_proxy(tmp_path)
+    before = home_paths.proxies_file(tmp_path).read_bytes()
+
+    result = run_cli(tmp_path, "proxy", "update", proxy_id, check=False)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: nothing to update; pass an option")
+    assert home_paths.proxies_file(tmp_path).read_bytes() == before
+
+
+def test_policy_list_unknown_proxy_rejected(tmp_path):
+    proxy_id = _create_offline_proxy(tmp_path)
+    run_cli(tmp_path, "policy", "attach", "--proxy", proxy_id, "--stage", "request", str(SEED_POLICY))
+
+    result = run_cli(tmp_path, "policy", "list", "--proxy", "prx_0000000000000000", check=False)
+    known = run_cli(tmp_path, "policy", "list", "--proxy", proxy_id, "--json")
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "error: proxy 'prx_0000000000000000' not found; see `xenovia proxy list`\n"
+    assert [json.loads(line)["name"] for line in known.stdout.splitlines()] == ["block_dangerous_tools"]
