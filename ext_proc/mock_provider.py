@@ -42,6 +42,7 @@ import json
 import logging
 import signal
 import ssl
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -493,14 +494,23 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class ListenError(Exception):
+    """The mock provider could not bind its address."""
+
+
 async def _serve_until_signal(args: argparse.Namespace) -> None:
-    provider = await start_mock_provider(
-        args.host,
-        args.port,
-        latency_ms=args.latency_ms,
-        require_key=args.require_key,
-        record=not args.no_record,
-    )
+    try:
+        provider = await start_mock_provider(
+            args.host,
+            args.port,
+            latency_ms=args.latency_ms,
+            require_key=args.require_key,
+            record=not args.no_record,
+        )
+    except OSError as exc:
+        raise ListenError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from exc
     if args.port_file:
         # Write then rename, so a process polling the file never reads a partial port number.
         partial = args.port_file.with_name(args.port_file.name + ".tmp")
@@ -517,10 +527,16 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
     await provider.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_serve_until_signal(_parse_args(argv)))
+    try:
+        asyncio.run(_serve_until_signal(_parse_args(argv)))
+    except ListenError as exc:
+        # One line, not a traceback: `make run` adds its hint about XENOVIA_MOCK_PORT below.
+        print(f"mock provider: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
