@@ -1,20 +1,24 @@
-"""``xenovia traces ...``: list, show, sessions and stats over the trace store.
+"""``xenovia traces ...``: list, show, sessions, stats and sql over the trace store.
 
 The commands read through the running collector when its socket answers, else open the
 store themselves. ``--json`` prints JSON with the platform's field names: one object per
-line for ``list`` and ``sessions``, one object for ``show`` and ``stats``.
+line for ``list``, ``sessions`` and ``sql``, one object for ``show`` and ``stats``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
+import uuid
 from collections.abc import Callable
 
 from ext_proc.traces import home_path
 from ext_proc.traces.queries import (
     POLICY_OUTCOMES,
+    CollectorReader,
     ReaderError,
     TraceFilters,
     list_traces_sql,
@@ -22,6 +26,7 @@ from ext_proc.traces.queries import (
     parse_time,
     sessions_sql,
     show_trace_sql,
+    single_statement,
     stats_sql,
 )
 
@@ -30,6 +35,14 @@ EXIT_FAILED = 1
 EXIT_NOT_FOUND = 3
 _QUANTILES = ("p50", "p95", "p99")
 _QUANTILES_SUFFIX = "_quantiles"
+# A trace reaches the store about a second after its response, because the exporter sends
+# every 0.5 s and the collector writes in batches. `show` waits up to this long for a trace
+# id that it does not find yet.
+SHOW_WAIT_S = 3.0
+_SHOW_POLL_S = 0.25
+# Table cells longer than this are cut, since custom property values can have 512
+# characters. --json prints them whole.
+MAX_CELL_CHARS = 60
 
 
 def add_traces_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,6 +92,17 @@ def add_traces_parser(subparsers) -> argparse.ArgumentParser:
     _add_time_range(stats)
     _add_json(stats)
     stats.set_defaults(handler=run_stats)
+
+    sql = commands.add_parser(
+        "sql",
+        help="run a read-only SQL query on the trace store",
+        description="Run one read-only query (SELECT, SHOW, DESCRIBE, EXPLAIN) on the trace "
+                    "store, through the collector while the gateway runs. Writes and "
+                    "settings changes are rejected.",
+    )
+    sql.add_argument("query", help='the query, e.g. "SELECT * FROM trace_latency_by_model"')
+    _add_json(sql)
+    sql.set_defaults(handler=run_sql)
     return traces
 
 
@@ -151,8 +175,15 @@ def run_show(args: argparse.Namespace) -> int:
     def body(reader, filters):
         trace_query, steps_query = show_trace_sql(args.trace_id)
         names, rows = reader.query(*trace_query)
+        # Only a running collector can still be writing the trace.
+        if not rows and isinstance(reader, CollectorReader) and _is_uuid(args.trace_id):
+            names, rows = _wait_for_trace(reader, trace_query)
         if not rows:
-            print(f"xenovia traces: trace {args.trace_id} not found", file=sys.stderr)
+            print(
+                f"xenovia traces: trace {args.trace_id} not found. A trace reaches the store"
+                " a second or two after its response, so if the call just ended, try again",
+                file=sys.stderr,
+            )
             return EXIT_NOT_FOUND
         trace = dict(zip(names, rows[0]))
         step_names, step_rows = reader.query(*steps_query)
@@ -164,6 +195,25 @@ def run_show(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run(args, body)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _wait_for_trace(reader, trace_query) -> tuple[list[str], list[list]]:
+    """Query again until the trace is stored or SHOW_WAIT_S has passed."""
+    deadline = time.monotonic() + SHOW_WAIT_S
+    names: list[str] = []
+    rows: list[list] = []
+    while not rows and time.monotonic() < deadline:
+        time.sleep(_SHOW_POLL_S)
+        names, rows = reader.query(*trace_query)
+    return names, rows
 
 
 def run_sessions(args: argparse.Namespace) -> int:
@@ -200,6 +250,26 @@ def run_stats(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+def run_sql(args: argparse.Namespace) -> int:
+    try:
+        statement = single_statement(args.query)
+    except ValueError as exc:
+        print(f"xenovia traces: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    def body(reader, filters):
+        names, rows = reader.query(statement, {})
+        if args.json:
+            _print_json_lines(names, rows)
+        elif not rows:
+            print("(no rows)")
+        else:
+            print(format_table(names, rows))
+        return EXIT_OK
+
+    return _run(args, body)
+
+
 def _flatten_quantiles(record: dict) -> dict:
     flat = {}
     for name, value in record.items():
@@ -228,15 +298,29 @@ def _cell(value, name: str = "") -> str:
     if isinstance(value, float) and _is_duration(name):
         return f"{value:.2f}"
     if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:.2f}"
+        return _fraction(value) if abs(value) < 1 else f"{value:.2f}"
     if isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 
+def _fraction(value: float) -> str:
+    """Format a value under 1 with at least 6 decimals and 3 significant digits, so a cost
+    of 2e-08 USD prints as 0.00000002, not 0."""
+    if value == 0 or not math.isfinite(value):
+        return str(value).removesuffix(".0")
+    decimals = min(max(6, 3 - math.floor(math.log10(abs(value)))), 15)
+    text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    return text if text.strip("-0.") else f"{value:.3g}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 3] + "..."
+
+
 def format_table(names: list[str], rows: list[list]) -> str:
-    """Return rows as text columns aligned under their names."""
-    cells = [[_cell(value, name) for value, name in zip(row, names)] for row in rows]
+    """Return rows as text columns aligned under their names, with long cells cut."""
+    cells = [[_cut(_cell(value, name)) for value, name in zip(row, names)] for row in rows]
     widths = [len(name) for name in names]
     for row in cells:
         widths = [max(width, len(cell)) for width, cell in zip(widths, row)]

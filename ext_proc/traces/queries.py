@@ -66,7 +66,7 @@ class CollectorReader:
         try:
             response = self.stub.Query(request, timeout=_QUERY_TIMEOUT_S)
         except grpc.RpcError as exc:
-            raise ReaderError(f"trace query failed: {exc.details()}") from exc
+            raise ReaderError(f"trace query failed: {error_line(exc.details() or '')}") from exc
         rows = [json.loads(row) for row in response.rows_json]
         return list(response.column_names), rows
 
@@ -87,7 +87,7 @@ class StoreReader:
         try:
             names, rows = self.store.query(sql, parameters)
         except StoreError as exc:
-            raise ReaderError(f"trace query failed: {exc}") from exc
+            raise ReaderError(f"trace query failed: {error_line(str(exc))}") from exc
         return names, [json_value(list(row)) for row in rows]
 
     def close(self) -> None:
@@ -107,6 +107,71 @@ def open_reader(home: Path, clickhouse_url: str | None = None) -> CollectorReade
         # Opening the embedded store would create an empty one in a mistyped home.
         raise ReaderError(f"no trace store in {home}: check --home, or start the gateway there")
     return StoreReader(home, clickhouse_url)
+
+
+_EXCEPTION_PREFIX = re.compile(r"^(?:Code: \d+\. DB::Exception: )+")
+_ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)(?: \(version [^)]*\))?\.?\s*$")
+_MAX_ERROR_CHARS = 300
+READ_ONLY_MESSAGE = (
+    "trace queries run read-only, so INSERT, ALTER, CREATE, DROP, TRUNCATE, SET, settings"
+    " changes and the file and url table functions are rejected"
+)
+
+
+def error_line(message: str) -> str:
+    """Shorten a ClickHouse error to its first line, without the ``Code: N.`` prefixes.
+
+    The error name that ClickHouse puts at the end of the message (SYNTAX_ERROR,
+    UNKNOWN_TABLE, ...) is kept. A write rejected by the read-only setting gets a sentence.
+    """
+    lines = message.strip().splitlines() or [""]
+    # A server's error starts with a line about the HTTP driver, and the exception follows.
+    first = next((line for line in lines if "DB::Exception:" in line), lines[0])
+    if "Code: " in first:
+        first = first[first.find("Code: "):]
+    first = _EXCEPTION_PREFIX.sub("", first)
+    name = _ERROR_NAME.search(message.strip())
+    if name and name[1] == "READONLY":
+        return f"{READ_ONLY_MESSAGE} (READONLY)"
+    first = re.sub(r" \(version [^)]*\)", "", first).strip()
+    if len(first) > _MAX_ERROR_CHARS:
+        first = first[: _MAX_ERROR_CHARS - 3] + "..."
+    if name and f"({name[1]})" not in first:
+        first = f"{first} ({name[1]})"
+    return first
+
+
+def single_statement(sql: str) -> str:
+    """Strip a trailing semicolon from ``sql``, or raise ValueError if it has several statements.
+
+    The embedded engine (chDB 26.9) runs every statement of a multi-statement query. After
+    one of them fails, the next query on the same connection reads a leftover result, so the
+    CLI sends exactly one. Semicolons inside quotes and comments do not count.
+    """
+    end = None  # index of the first semicolon outside quotes and comments
+    index = 0
+    while index < len(sql):
+        char = sql[index]
+        if char in "'\"`":
+            index += 1
+            while index < len(sql) and sql[index] != char:
+                index += 2 if sql[index] == "\\" else 1
+        elif sql.startswith("--", index) or char == "#":
+            newline = sql.find("\n", index)
+            index = len(sql) if newline < 0 else newline
+        elif sql.startswith("/*", index):
+            close = sql.find("*/", index + 2)
+            index = len(sql) if close < 0 else close + 1
+        elif char == ";":
+            if end is None:
+                end = index
+        elif not char.isspace() and end is not None:
+            raise ValueError("the query has more than one statement. Run each on its own")
+        index += 1
+    statement = sql if end is None else sql[:end]
+    if not statement.strip():
+        raise ValueError("the query is empty")
+    return statement
 
 
 @dataclass
