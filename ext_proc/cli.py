@@ -60,8 +60,8 @@ def cmd_up(args) -> int:
         gateway.stop()
         return 1
     if args.no_envoy:
-        print("Point the ext_proc cluster of your Envoy (as in envoy/envoy.yaml) at these "
-              "endpoints:", file=sys.stderr)
+        print("List these endpoints under lb_endpoints of the xenovia_ext_proc cluster in your "
+              "Envoy config (see envoy/envoy.yaml):", file=sys.stderr)
         for endpoint in gateway.ext_proc_endpoints:
             print(f"    - endpoint: {{ address: {{ {envoy_endpoint_address(endpoint)} }} }}",
                   file=sys.stderr)

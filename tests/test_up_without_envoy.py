@@ -8,6 +8,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -15,6 +17,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from gateway_harness import REPO_ROOT, child_environment, free_port
 from test_supervisor import stop_group, wait_for_line
+
+from ext_proc.envoy_config import render_envoy_config
+from ext_proc.supervisor import envoy_binary
 
 RUNNING_LINE = "running without Envoy"
 
@@ -134,3 +139,40 @@ def test_ext_proc_port_in_use_rejected(tmp_path):
     assert result.returncode == 1
     assert (f"ext_proc worker 0 port {port} on 127.0.0.1 is in use by another process; "
             "choose another with --ext-proc-port") in result.stderr
+
+
+def test_own_envoy_uses_printed_endpoints(tmp_path):
+    """An Envoy the operator runs, with the printed endpoints, serves /healthz through the workers."""
+    home = tmp_path / "home"
+    process, endpoints = start_without_envoy(home)
+    port = free_port()
+    config = tmp_path / "own-envoy.yaml"
+    rendered = render_envoy_config(listen_port=port, admin_port=0, ext_proc_endpoints=[])
+    config.write_text(rendered.replace("      - lb_endpoints:\n",
+                                       "      - lb_endpoints:\n        " + endpoints[0] + "\n"))
+    envoy = subprocess.Popen(
+        [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        health = wait_for_health(f"http://127.0.0.1:{port}/healthz", envoy)
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
+        stop_group(process)
+
+    assert health["status"] == "ok"
+    assert "registry_version" in health
+
+
+def wait_for_health(url: str, envoy: subprocess.Popen, timeout: float = 30.0) -> dict:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert envoy.poll() is None, f"Envoy exited with status {envoy.returncode}"
+        try:
+            with opener.open(url, timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
