@@ -6,7 +6,12 @@ import os
 import string
 from pathlib import Path
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
+# An installed package contains envoy/envoy.yaml as ext_proc/envoy/envoy.yaml, because
+# pyproject.toml maps the package ext_proc.envoy to the top-level envoy/ folder. A source
+# checkout, run in place or installed in editable mode, reads envoy/envoy.yaml itself.
+_PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "envoy" / "envoy.yaml"
+_SOURCE_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "envoy.yaml"
+TEMPLATE_PATH = _PACKAGED_TEMPLATE if _PACKAGED_TEMPLATE.is_file() else _SOURCE_TEMPLATE
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -34,8 +39,15 @@ def render_envoy_config(
         "admin_port": admin_port,
         "ext_proc_endpoints": endpoints,
         "max_body_bytes": max_body_bytes,
+        "max_body_size": _size_text(max_body_bytes),
         "upstream_ca_file": upstream_ca_file
         or os.environ.get("XENOVIA_UPSTREAM_CA_FILE")
         or SYSTEM_CA_FILE,
     }
     return string.Template(TEMPLATE_PATH.read_text()).substitute(values)
+
+
+def _size_text(size: int) -> str:
+    """Format a size for messages: "32 MiB" for 33554432, else the number of bytes."""
+    mib, rest = divmod(size, 1024 * 1024)
+    return f"{mib} MiB" if mib and not rest else f"{size} bytes"
