@@ -160,8 +160,9 @@ class GatewayProcesses:
     def check_ports(self) -> None:
         """Raise StartupError when a port this gateway must listen on is taken.
 
-        Envoy would otherwise fail to bind a moment after start. Worse, another Envoy on
-        the admin port would answer the readiness check in its place.
+        Envoy or a worker would otherwise exit a moment after start with a bind error that
+        does not name the setting to change. A port taken after this check still stops
+        start-up, because _wait_for_envoy accepts only the Envoy started here.
         """
         if self.envoy:
             check_port_free(self.listen_address, self.port, "listener",
