@@ -97,18 +97,21 @@ def test_each_marked_part_stands_alone():
     assert len(caches) == 3 and all(cache == caches[0] for cache in caches)
 
 
-def own_envoy_config(parts: dict[str, str], admin_port: int, port: int, disable_on_own_route: bool) -> dict:
-    """An Envoy configuration of someone else's, with the marked parts pasted in (clusters
-    first) and a route of its own on the same listener."""
+def own_envoy_config(parts: dict[str, str], admin_port: int, port: int, disable_on_own_route: bool,
+                     own_match: dict) -> dict:
+    """Build someone else's Envoy configuration, with the marked parts pasted in (clusters
+    first) and a route of its own on the same listener, before the gateway's when it
+    matches a path and after them when it matches a prefix."""
     loaded = {name: yaml.safe_load(text) for name, text in parts.items()}
     route_config = loaded["routes"]["route_config"]
     own_route = {
-        "match": {"path": "/status"},
+        "match": own_match,
         "direct_response": {"status": 200, "body": {"inline_string": "own route"}},
     }
     if disable_on_own_route:
         own_route["typed_per_filter_config"] = EXT_PROC_DISABLED
-    route_config["virtual_hosts"][0]["routes"].insert(0, own_route)
+    routes = route_config["virtual_hosts"][0]["routes"]
+    routes.insert(0 if "path" in own_match else len(routes), own_route)
     connection_manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "own",
@@ -171,13 +174,14 @@ class RunningEnvoy:
 class OwnEnvoy(RunningEnvoy):
     """Someone else's Envoy with the gateway's marked parts pasted in."""
 
-    def __init__(self, tmp_path: Path, worker_sockets: list[Path], disable_on_own_route: bool):
+    def __init__(self, tmp_path: Path, worker_sockets: list[Path], disable_on_own_route: bool,
+                 own_match: dict | None = None):
         self.port = free_port()
         parts = marked_parts(rendered(worker_sockets))
         config_path = tmp_path / f"own-envoy-{disable_on_own_route}.yaml"
-        config_path.write_text(json.dumps(
-            own_envoy_config(parts, free_port(), self.port, disable_on_own_route), indent=1
-        ))
+        config_path.write_text(json.dumps(own_envoy_config(
+            parts, free_port(), self.port, disable_on_own_route, own_match or {"path": "/status"}
+        ), indent=1))
         super().__init__(config_path, tmp_path / f"own-envoy-{disable_on_own_route}.log")
 
     @property
@@ -225,6 +229,21 @@ def test_own_route_needs_ext_proc_disabled(gateway, tmp_path):
     assert own.status_code != 200
     assert own.text != "own route"
     assert "x-xenovia-trace-id" in own.headers
+
+
+
+def test_own_catch_all_route_takes_gateway_calls(gateway, tmp_path):
+    """Envoy picks the route, and with it the per-route ext_proc setting, from the request
+    as the client sent it. The gateway's routes need the header the service sets, so
+    another route matching the call's path takes it even when listed after them."""
+    access = gateway.new_proxy("catch-all")
+
+    with OwnEnvoy(tmp_path, worker_sockets(gateway), disable_on_own_route=True,
+                  own_match={"prefix": "/"}) as envoy:
+        response = chat(envoy.url, access)
+
+    assert (response.status_code, response.text) == (200, "own route")
+    assert "x-xenovia-trace-id" not in response.headers
 
 
 class _OversizedProvider(BaseHTTPRequestHandler):
