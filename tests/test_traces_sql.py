@@ -233,3 +233,20 @@ def test_sql_and_show_while_gateway_runs(gateway):
     dropped = gateway.cli("traces", "sql", "DROP TABLE traces", check=False)
     assert dropped.returncode == EXIT_FAILED
     assert "(READONLY)" in dropped.stderr
+
+
+def test_endless_query_stopped_and_writes_resume(tmp_path):
+    # Queries run on the collector's writer thread, so one that never ends would hold back
+    # every trace write behind it.
+    with CollectorProcess(tmp_path, "--flush-interval", "0.05") as collector:
+        began = time.monotonic()
+        result = cli(tmp_path, "sql", "SELECT count() FROM system.numbers")
+        took = time.monotonic() - began
+
+        assert result.returncode == EXIT_FAILED
+        assert "TIMEOUT_EXCEEDED" in result.stderr
+        assert took < 30
+        trace = simple_trace(7, proxy_id="p-after-timeout")
+        collector.export([trace])
+        collector.wait_drained(1, timeout=30)
+        assert collector.scalar("SELECT count() FROM traces") == 1

@@ -146,11 +146,17 @@ def _connect(home: Path, url: str | None, settings: dict):
     )
 
 
+# Queries run on the collector's writer thread, so a query holds back trace writes while it
+# runs: the time limit bounds that delay (the traces wait in memory and the write-ahead log).
+QUERY_TIME_LIMIT_SECONDS = 10
+
+
 def _read_only_settings(url: str | None) -> dict:
     # Queries get their own client because a session switched to readonly=1 cannot be
     # switched back. A server receives settings with every HTTP request, which readonly=1
     # forbids, so there readonly=2 (reads and setting changes, no writes or DDL) is used.
-    return {"readonly": 2} if url else {"readonly": 1}
+    # The time limit comes first: once readonly=1 is in force, no setting can change.
+    return {"max_execution_time": QUERY_TIME_LIMIT_SECONDS, "readonly": 2 if url else 1}
 
 
 def _describe_url(url: str) -> str:
