@@ -33,6 +33,8 @@ WRITES = (
     "SET readonly = 0",
     "SELECT 1 SETTINGS readonly = 0",
     "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+    "SELECT file('/etc/hostname')",
+    "SELECT 1 SETTINGS max_execution_time = 0",
 )
 
 
@@ -250,3 +252,13 @@ def test_endless_query_stopped_and_writes_resume(tmp_path):
         collector.export([trace])
         collector.wait_drained(1, timeout=30)
         assert collector.scalar("SELECT count() FROM traces") == 1
+
+
+def test_memory_hungry_query_stopped(home):
+    home_dir, collector, traces = home
+    # About 2 GB of strings in one array, over the 1 GB limit of a query.
+    result = cli(home_dir, "sql", "SELECT length(groupArray(repeat('a', 1000000))) FROM numbers(2000)")
+
+    assert result.returncode == EXIT_FAILED
+    assert "MEMORY_LIMIT_EXCEEDED" in result.stderr
+    assert collector.scalar("SELECT count() FROM traces") == len(traces)

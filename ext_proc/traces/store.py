@@ -125,8 +125,14 @@ class TraceStore:
         return f"{self._fixed_settings}, {token_setting}"
 
     def query(self, sql: str, parameters: dict[str, str]) -> tuple[list[str], list[tuple]]:
-        """Run ``sql`` read-only with server-side bound ``parameters``."""
+        """Run ``sql`` read-only with server-side bound ``parameters``.
+
+        Raises QueryError when the store rejects the query, or when it calls a function that
+        reads files or other servers, or changes settings (see _reject_outside_access).
+        """
         try:
+            syntax = self.reader.query(f"EXPLAIN AST {sql}", parameters=parameters)
+            _reject_outside_access(row[0] for row in syntax.result_rows)
             result = self.reader.query(sql, parameters=parameters)
         except ClickHouseError as exc:
             raise QueryError(str(exc)) from exc
@@ -148,15 +154,53 @@ def _connect(home: Path, url: str | None, settings: dict):
 
 # Queries run on the collector's writer thread, so a query holds back trace writes while it
 # runs: the time limit bounds that delay (the traces wait in memory and the write-ahead log).
+# The memory and result limits keep one query from taking the collector's memory.
 QUERY_TIME_LIMIT_SECONDS = 10
+QUERY_MEMORY_LIMIT_BYTES = 1024 * 1024 * 1024
+QUERY_RESULT_LIMIT_BYTES = 64 * 1024 * 1024
+
+# Functions that read files, run programs or reach other servers. readonly does not stop
+# them, and the collector may be able to read files the caller cannot (the write-ahead log
+# holds bodies before secrets are scrubbed), so a query that calls one is rejected.
+_OUTSIDE_ACCESS_FUNCTIONS = frozenset({
+    "file", "filecluster", "url", "urlcluster", "s3", "s3cluster", "gcs", "oss", "cosn",
+    "hdfs", "hdfscluster", "remote", "remotesecure", "cluster", "clusterallreplicas", "input",
+    "executable", "executablepool", "mysql", "postgresql", "sqlite", "odbc", "jdbc",
+    "mongodb", "redis", "dictionary", "arrowflight", "ytsaurus", "prometheusquery",
+})
+_OUTSIDE_ACCESS_PREFIXES = ("azureblobstorage", "iceberg", "deltalake", "hudi", "paimon", "dict")
+
+
+def _reject_outside_access(ast_lines) -> None:
+    """Raise QueryError for a query whose AST (EXPLAIN AST lines) calls such a function.
+
+    A SETTINGS clause is rejected too: on a ClickHouse server (readonly=2) it could lift the
+    limits above.
+    """
+    for line in ast_lines:
+        words = line.split()
+        if words == ["Set"]:
+            raise QueryError("queries may not change settings (SETTINGS clause) (READONLY)")
+        if len(words) < 2 or words[0] not in ("Function", "TableFunction"):
+            continue
+        name = words[1].lower()
+        if name in _OUTSIDE_ACCESS_FUNCTIONS or name.startswith(_OUTSIDE_ACCESS_PREFIXES):
+            raise QueryError(
+                f"queries may not call {words[1]}(), which reads outside the trace store (READONLY)"
+            )
 
 
 def _read_only_settings(url: str | None) -> dict:
     # Queries get their own client because a session switched to readonly=1 cannot be
     # switched back. A server receives settings with every HTTP request, which readonly=1
     # forbids, so there readonly=2 (reads and setting changes, no writes or DDL) is used.
-    # The time limit comes first: once readonly=1 is in force, no setting can change.
-    return {"max_execution_time": QUERY_TIME_LIMIT_SECONDS, "readonly": 2 if url else 1}
+    # The limits come first: once readonly=1 is in force, no setting can change.
+    return {
+        "max_execution_time": QUERY_TIME_LIMIT_SECONDS,
+        "max_memory_usage": QUERY_MEMORY_LIMIT_BYTES,
+        "max_result_bytes": QUERY_RESULT_LIMIT_BYTES,
+        "readonly": 2 if url else 1,
+    }
 
 
 def _describe_url(url: str) -> str:
