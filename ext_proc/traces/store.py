@@ -161,7 +161,7 @@ QUERY_RESULT_LIMIT_BYTES = 64 * 1024 * 1024
 
 # Functions that read files, run programs or reach other servers. readonly does not stop
 # them, and the collector may be able to read files the caller cannot (the write-ahead log
-# holds bodies before secrets are scrubbed), so a query that calls one is rejected.
+# contains bodies before secrets are scrubbed), so a query that calls one is rejected.
 _OUTSIDE_ACCESS_FUNCTIONS = frozenset({
     "file", "filecluster", "url", "urlcluster", "s3", "s3cluster", "gcs", "oss", "cosn",
     "hdfs", "hdfscluster", "remote", "remotesecure", "cluster", "clusterallreplicas", "input",
