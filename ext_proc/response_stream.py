@@ -220,6 +220,10 @@ class StreamBodies:
             return
         content, _ = redaction.redact_text(self.output.content, kinds)
         self.output.content_parts = [content]
+        self.output.other_texts = {
+            key: [redaction.redact_text("".join(parts), kinds)[0]]
+            for key, parts in self.output.other_texts.items()
+        }
         self.output.other_choices = {}
         for call in self.output.tool_calls.values():
             call.arguments, _ = redaction.redact_text(call.arguments, kinds)

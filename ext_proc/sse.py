@@ -118,6 +118,10 @@ class ModelOutput:
     # interleave with it, and policies see them all.
     content_parts: list[str] = field(default_factory=list)
     other_choices: dict[int, list[str]] = field(default_factory=dict)
+    # Other text the client reads (refusals, reasoning text), kept out of `content` so that
+    # the session store records the content a client sends back. Keyed by where it comes
+    # from (choice and field, or output item), so that stream fragments join up.
+    other_texts: dict[tuple, list[str]] = field(default_factory=dict)
     # Keyed by (choice index, call index) for chat answers, (0, output index) for Responses.
     tool_calls: dict[tuple[int, int], ToolCall] = field(default_factory=dict)
     finish_reason: str = ""
@@ -133,9 +137,17 @@ class ModelOutput:
             text += "\n" + "".join(parts)
         return text
 
+    @property
+    def readable_text(self) -> str:
+        """Return all the text the client reads: the content, then refusals and reasoning."""
+        if not self.other_texts:
+            return self.content
+        others = ["".join(parts) for _, parts in sorted(self.other_texts.items(), key=repr)]
+        return "\n".join([self.content, *others])
+
     def as_input(self) -> dict:
         return {
-            "content": self.content,
+            "content": self.readable_text,
             "tool_calls": [call.as_input() for _, call in sorted(self.tool_calls.items())],
             "finish_reason": self.finish_reason,
             "usage": self.usage,
@@ -184,8 +196,10 @@ class ModelOutput:
         message = choice.get("delta" if delta else "message")
         if not isinstance(message, dict):
             return
-        if isinstance(message.get("content"), str):
-            parts.append(message["content"])
+        content, other = _message_texts(message)
+        parts.extend(content)
+        for name, text in other:
+            self.other_texts.setdefault((choice_index, name), []).append(text)
         for position, call in enumerate(message.get("tool_calls") or []):
             if isinstance(call, dict):
                 # A whole message lists its calls in order; a stream delta names its call's
@@ -222,21 +236,27 @@ class ModelOutput:
                 "length" if reason == "max_output_tokens" else str(reason or "incomplete")
             )
         self.content_parts = []
+        other_texts: dict[tuple, list[str]] = {}
         # Calls already seen in item events stay: a final object that leaves one out must
         # not hide it from the policy.
         for position, item in enumerate(response.get("output") or []):
             if not isinstance(item, dict):
                 continue
             if item.get("type") == "message":
-                for part in item.get("content") or []:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        self.content_parts.append(part["text"])
+                texts, refusals = _part_texts(item.get("content"))
+                self.content_parts.extend(texts)
+                other_texts[(position, "refusal")] = refusals
+            elif item.get("type") == "reasoning":
+                texts, _ = _part_texts(item.get("summary"))
+                other_texts[(position, "reasoning")] = texts
             elif item.get("type") in _RESPONSES_CALL_TYPES:
                 seen = _call_from_item(item)
                 call = self.tool_calls.setdefault((0, position), ToolCall())
                 call.id, call.name = seen.id or call.id, seen.name or call.name
                 call.arguments = seen.arguments or call.arguments
                 self.finish_reason = "tool_calls"
+        # The final object repeats what the delta events sent, so it replaces them.
+        self.other_texts = other_texts
 
     # Stream events.
 
@@ -253,6 +273,9 @@ class ModelOutput:
         event_type = event.get("type", "")
         if event_type == "response.output_text.delta" and isinstance(event.get("delta"), str):
             self.content_parts.append(event["delta"])
+        elif event_type in _RESPONSES_OTHER_DELTAS and isinstance(event.get("delta"), str):
+            key = (_index(event.get("output_index"), -1), event_type)
+            self.other_texts.setdefault(key, []).append(event["delta"])
         elif event_type in ("response.output_item.added", "response.output_item.done"):
             self._add_responses_item(event)
         elif event_type == "response.function_call_arguments.delta":
@@ -288,6 +311,48 @@ class ModelOutput:
         call.name = seen.name or call.name
         if seen.arguments:
             call.arguments = seen.arguments
+
+
+# Text the client reads besides `content`: a refusal, and the reasoning text some
+# OpenAI-compatible providers return. Policies see it as part of the output's content.
+_MESSAGE_TEXT_FIELDS = ("refusal", "reasoning_content", "reasoning")
+_RESPONSES_OTHER_DELTAS = frozenset({
+    "response.refusal.delta",
+    "response.reasoning_summary_text.delta",
+    "response.reasoning_text.delta",
+})
+
+
+def _message_texts(message: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    """Return the content texts of a chat message or delta, and its other (field, text)."""
+    content, refusals = _part_texts(message.get("content"))
+    other = [("refusal_part", text) for text in refusals]
+    other += [
+        (name, message[name]) for name in _MESSAGE_TEXT_FIELDS if isinstance(message.get(name), str)
+    ]
+    audio = message.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+        other.append(("audio", audio["transcript"]))
+    return content, other
+
+
+def _part_texts(content) -> tuple[list[str], list[str]]:
+    """Return the texts of a content value (a string, or a list of strings and parts), and
+    the refusals among its parts."""
+    if isinstance(content, str):
+        return [content], []
+    if not isinstance(content, list):
+        return [], []
+    texts, refusals = [], []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            if isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            if isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+    return texts, refusals
 
 
 LEGACY_CALL_INDEX = -1

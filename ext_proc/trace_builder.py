@@ -126,7 +126,7 @@ def _set_bodies(trace, exchange, output, proxy) -> None:
         trace.messages = _json_text(exchange.fields.messages)[:limit]
         trace.tools = _json_text(exchange.fields.tools)[:limit]
     if output is not None:
-        trace.response_content = output.content[:limit]
+        trace.response_content = output.readable_text[:limit]
 
 
 def _json_text(value) -> str:

@@ -224,3 +224,26 @@ def test_too_many_request_headers_rejected(gateway, proxies):
     assert trace["status"] == 400
     assert trace["error_type"] == "too_many_headers"
     assert trace["session_id"] == session == response.headers["x-xenovia-session-id"]
+
+
+@pytest.mark.parametrize("field_name", ["refusal", "reasoning_content"])
+def test_refusal_text_checked_by_policy(proxies, field_name):
+    message = {"role": "assistant", "content": None, field_name: "Run DROP TABLE users;"}
+    body = {**ANSWER, "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    answer_with(200, {"content-type": "application/json"}, json.dumps(body).encode())
+
+    response = post(proxies["hold"])
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "policy_block"
+
+
+@pytest.mark.parametrize("mode", ["hold", "live"])
+def test_streamed_refusal_checked_by_policy(proxies, mode):
+    chunk = {"choices": [{"index": 0, "delta": {"refusal": "Run DROP TABLE users;"}}]}
+    body = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    answer_with(200, {"content-type": "text/event-stream"}, body)
+
+    response = post(proxies[mode], stream=True)
+
+    assert b"DROP TABLE" not in response.content

@@ -170,3 +170,41 @@ def test_deeply_nested_event_unreadable():
     event = SseEvent(f"data: {data}\n\n".encode(), data=data)
 
     assert event.json() is None
+
+
+def test_refusal_and_reasoning_reach_policy_not_session():
+    output = ModelOutput("chat_completions")
+    output.add_body({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": None, "refusal": "I refuse: SECRET",
+        "reasoning_content": "thinking about SECRET",
+    }}]})
+
+    assert "I refuse: SECRET" in output.as_input()["content"]
+    assert "thinking about SECRET" in output.as_input()["content"]
+    assert "I refuse: SECRET" in output.readable_text
+    # Clients send the message back with its content only, so only that is recorded.
+    assert output.assistant_message()["content"] == ""
+
+
+def test_streamed_refusal_and_content_parts_seen():
+    output = ModelOutput("chat_completions")
+    for delta in ({"refusal": "no, "}, {"refusal": "SECRET"}, {"content": [{"type": "text", "text": "PART"}]}):
+        output.add_chat_chunk({"choices": [{"index": 0, "delta": delta}]})
+
+    assert "no, SECRET" in output.as_input()["content"]
+    assert output.content == "PART"
+
+
+def test_responses_refusal_and_reasoning_seen():
+    output = ModelOutput("responses")
+    output.add_responses_event({"type": "response.refusal.delta", "delta": "SECRET"})
+    assert "SECRET" in output.as_input()["content"]
+
+    output.add_responses_event({"type": "response.completed", "response": {"status": "completed", "output": [
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "REASONED"}]},
+        {"type": "message", "content": [{"type": "refusal", "refusal": "REFUSED"}]},
+    ]}})
+
+    assert "REASONED" in output.as_input()["content"]
+    assert "REFUSED" in output.as_input()["content"]
+    assert output.content == ""
