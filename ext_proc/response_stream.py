@@ -13,7 +13,7 @@ from ext_proc import envoy_messages as msgs
 from ext_proc import errors, redaction
 from ext_proc.envoy_messages import Mutation
 from ext_proc.policy import Decision
-from ext_proc.sse import SseEvent, is_usage_only_chunk, parse_event
+from ext_proc.sse import SseEvent, is_usage_only_chunk, parse_event, without_hidden_text
 from ext_proc.stream_redaction import LiveRedactor, redact_held_events
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,12 @@ class StreamBodies:
         self._mark_first_byte()
         decoded = self._decode_whole(body)
         # SSE clients never dispatch a partial event at the end of a body, so it is dropped.
-        events = [event for event in self._reassembler.feed(decoded) if self._observe_event(event)]
+        # Held streams always have a response policy.
+        events = [
+            without_hidden_text(event)
+            for event in self._reassembler.feed(decoded)
+            if self._observe_event(event)
+        ]
         self.stream_completed = self._stream_done()
         if any(_unreadable(event) for event in events):
             # A client may read data the gateway cannot, so the answer is not released.
@@ -168,6 +173,7 @@ class StreamBodies:
 
     def _evaluate_live(self, event: SseEvent) -> list[SseEvent]:
         """Return the events to send for ``event``: itself, redacted events, or an error event."""
+        event = without_hidden_text(event)
         if _unreadable(event):
             # A client may read data the gateway cannot, so it is not let through.
             return [self._end_with_block(Decision(outcome="deny", error=_UNREADABLE))]

@@ -89,6 +89,36 @@ def parse_event(raw: bytes) -> SseEvent:
     return event
 
 
+_RAW_LINE_SPLIT = re.compile(rb"\r\n|\r|\n")
+
+
+def without_hidden_text(event: SseEvent) -> SseEvent:
+    """Return the event without the text a response policy does not see.
+
+    Comment lines are emptied (a bare ":" still keeps an idle stream open), `id` and `retry`
+    lines are dropped, and so is an `event` line unless it repeats the data's `type`, as
+    Responses streams do. OpenAI streams use none of these otherwise, and a client may show
+    them: the openai SDK passes an event name along with its data.
+    """
+    kept = []
+    changed = False
+    data = event.json() if event.event else None
+    data_type = data.get("type") if isinstance(data, dict) else None
+    for line in _RAW_LINE_SPLIT.split(event.raw.rstrip(b"\r\n")):
+        name = line.partition(b":")[0].strip()
+        if line.startswith(b":"):
+            changed = changed or line != b":"
+            kept.append(b":")
+        elif name in (b"id", b"retry") or (name == b"event" and event.event != data_type):
+            changed = True
+        else:
+            kept.append(line)
+    if not changed:
+        return event
+    raw = b"\n".join(kept) + b"\n\n"
+    return SseEvent(raw, event.event if event.event == data_type else "", event.data, event.unknown_field)
+
+
 def make_event(data: dict, event: str = "") -> SseEvent:
     text = json.dumps(data, separators=(",", ":"))
     prefix = f"event: {event}\n" if event else ""

@@ -247,3 +247,19 @@ def test_streamed_refusal_checked_by_policy(proxies, mode):
     response = post(proxies[mode], stream=True)
 
     assert b"DROP TABLE" not in response.content
+
+
+@pytest.mark.parametrize("mode", ["hold", "live"])
+@pytest.mark.parametrize(
+    "line", [b": DROP TABLE users", b"id: DROP TABLE users", b"event: DROP TABLE users"]
+)
+def test_event_metadata_text_not_passed(proxies, mode, line):
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hello"}}]}
+    body = line + b"\ndata: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    answer_with(200, {"content-type": "text/event-stream"}, body)
+
+    response = post(proxies[mode], stream=True)
+
+    assert response.status_code == 200
+    assert b"DROP TABLE" not in response.content
+    assert b'"Hello"' in response.content

@@ -208,3 +208,23 @@ def test_responses_refusal_and_reasoning_seen():
     assert "REASONED" in output.as_input()["content"]
     assert "REFUSED" in output.as_input()["content"]
     assert output.content == ""
+
+
+def test_hidden_text_removed_from_event():
+    from ext_proc.sse import parse_event, without_hidden_text
+
+    raw = b': comment SECRET\nid: SECRET\nretry: 100\nevent: SECRET\ndata: {"a": 1}\n\n'
+    cleaned = without_hidden_text(parse_event(raw))
+
+    assert cleaned.raw == b':\ndata: {"a": 1}\n\n'
+    assert cleaned.event == ""
+    assert cleaned.data == '{"a": 1}'
+
+
+def test_responses_event_name_kept():
+    from ext_proc.sse import parse_event, without_hidden_text
+
+    raw = b'event: response.created\ndata: {"type": "response.created"}\n\n'
+    event = parse_event(raw)
+
+    assert without_hidden_text(event) is event
