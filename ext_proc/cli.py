@@ -49,6 +49,10 @@ def cmd_up(args) -> int:
     if args.ext_proc_port is not None and args.ext_proc_transport != "tcp":
         print("error: --ext-proc-port needs --ext-proc-transport tcp", file=sys.stderr)
         return 2
+    if args.ext_proc_port is not None and args.ext_proc_port + args.workers - 1 > 65535:
+        print(f"error: --ext-proc-port {args.ext_proc_port} leaves no port for each of "
+              f"{args.workers} workers (worker i uses port + i)", file=sys.stderr)
+        return 2
     home = home_paths.home_dir(getattr(args, "home", None))
     gateway = GatewayProcesses(home, args.port, args.admin_port, args.workers, args.listen,
                                args.ext_proc_transport, envoy=not args.no_envoy,
@@ -216,7 +220,8 @@ def cmd_policy_detach(args) -> int:
 
 def cmd_policy_list(args) -> int:
     editor = _editor(args)
-    if args.proxy is not None and args.proxy not in {proxy["id"] for proxy in editor.list_proxies()}:
+    known = {proxy["id"] for proxy in editor.list_proxies()}
+    if args.proxy is not None and args.proxy not in known:
         raise RegistryError(f"proxy {args.proxy!r} not found; see `xenovia proxy list`")
     rows = editor.list_policies(args.proxy)
     if args.json:
@@ -242,6 +247,31 @@ def cmd_policy_test(args) -> int:
     return status
 
 
+def _port(lowest: int):
+    """Return an argparse type for a TCP port number from ``lowest`` to 65535."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a number") from None
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"invalid port {value}: expected {lowest} to 65535")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: expected 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xenovia", description="Xenovia Runtime AI governance gateway")
     parser.add_argument("--home", default=None,
@@ -249,18 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the gateway in the foreground")
-    up.add_argument("--port", type=int, default=os.environ.get("XENOVIA_PORT", "8080"),
+    up.add_argument("--port", type=_port(1), default=os.environ.get("XENOVIA_PORT", "8080"),
                     help="listener port (default $XENOVIA_PORT or 8080)")
     up.add_argument("--listen", default="127.0.0.1", help="listener address (default 127.0.0.1)")
-    up.add_argument("--admin-port", type=int, default=os.environ.get("XENOVIA_ADMIN_PORT", "0"),
+    up.add_argument("--admin-port", type=_port(0),
+                    default=os.environ.get("XENOVIA_ADMIN_PORT", "0"),
                     help="Envoy admin port on 127.0.0.1 (default $XENOVIA_ADMIN_PORT, else 0: a "
                          "free port, written to envoy-admin.address in the home's run folder)")
-    up.add_argument("--workers", type=int, default=int(os.environ.get("XENOVIA_WORKERS", "1")),
+    up.add_argument("--workers", type=_positive_int, default=os.environ.get("XENOVIA_WORKERS", "1"),
                     help="ext_proc worker processes (default 1)")
     up.add_argument("--ext-proc-transport", choices=("unix", "tcp"),
                     default=os.environ.get("XENOVIA_EXT_PROC_TRANSPORT", "unix"),
                     help="how Envoy reaches the workers: Unix sockets (default) or TCP on loopback")
-    up.add_argument("--ext-proc-port", type=int, default=None,
+    up.add_argument("--ext-proc-port", type=_port(1), default=None,
                     help="with --ext-proc-transport tcp, worker i listens on 127.0.0.1 at this "
                          "port + i (default: free ports chosen at each start)")
     up.add_argument("--no-envoy", action="store_true",

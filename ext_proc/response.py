@@ -67,6 +67,15 @@ class ResponseHandler(StreamBodies):
             mutation.set(name, value)
         if 300 <= self.status < 400:
             return self._reject_redirect()
+        if self.status >= 600:
+            # Not an HTTP status a client knows how to read, so not one the gateway passes on.
+            logger.warning("trace %s: provider returned HTTP %d; returning 502",
+                           self.exchange.trace_id, self.status)
+            return self.exchange.reject(errors.GatewayError(
+                502, errors.UPSTREAM_INVALID_STATUS,
+                f"the upstream returned HTTP {self.status}, which is not a valid status",
+                errors.UPSTREAM,
+            ), details=errors.UPSTREAM_INVALID_STATUS)
         if end_of_stream and self.status >= 400:
             return self._add_error_body(mutation)
         if self.exchange.proxy is None:

@@ -263,3 +263,15 @@ def test_event_metadata_text_not_passed(proxies, mode, line):
     assert response.status_code == 200
     assert b"DROP TABLE" not in response.content
     assert b'"Hello"' in response.content
+
+
+def test_status_beyond_599_not_passed_on(gateway, proxies):
+    answer_with(600, {"content-type": "application/json"}, json.dumps(ANSWER).encode())
+
+    response = post(proxies["open"])
+
+    assert response.status_code == 502
+    assert b"DROP TABLE" not in response.content
+    assert error_of(response)["code"] == "upstream_invalid_status"
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["status"] == 502

@@ -137,3 +137,40 @@ def stop_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--workers", "0"], "expected 1 or more"),
+        (["--workers", "two"], "invalid number 'two'"),
+        (["--port", "70000"], "invalid port 70000"),
+        (["--admin-port", "-1"], "invalid port -1"),
+        (["--ext-proc-transport", "tcp", "--ext-proc-port", "0"], "invalid port 0"),
+    ],
+)
+def test_up_rejects_invalid_numbers(arguments, message, capsys):
+    from ext_proc.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["up", *arguments])
+
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_up_rejects_worker_ports_past_65535(tmp_path):
+    from ext_proc.cli import main
+
+    arguments = ["--home", str(tmp_path), "up", "--no-envoy", "--ext-proc-transport", "tcp",
+                 "--ext-proc-port", "65535", "--workers", "2"]
+
+    assert main(arguments) == 2
+
+
+def test_bad_worker_count_variable_spares_other_commands(tmp_path, monkeypatch, capsys):
+    from ext_proc.cli import main
+
+    monkeypatch.setenv("XENOVIA_WORKERS", "abc")
+
+    assert main(["--home", str(tmp_path), "proxy", "list"]) == 0
