@@ -261,21 +261,28 @@ def _text_of(content: Any) -> str:
     """
     if isinstance(content, str):
         return content
+    return "\n".join(text for _, text in content_part_texts(content))
+
+
+def content_part_texts(content: Any) -> list[tuple[str, str]]:
+    """Return ("text" or "refusal", text) for each text of a list of content parts, in order.
+
+    A bare string in the list is a text; a single part sent without its list counts as
+    one, since providers that accept it read its text.
+    """
     if isinstance(content, dict):
-        # One part sent without its list. Providers that accept it read its text.
         content = [content]
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict):
-                if isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-                if isinstance(part.get("refusal"), str):
-                    parts.append(part["refusal"])
-        return "\n".join(parts)
-    return ""
+    if not isinstance(content, list):
+        return []
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(("text", part))
+        elif isinstance(part, dict):
+            for kind in ("text", "refusal"):
+                if isinstance(part.get(kind), str):
+                    texts.append((kind, part[kind]))
+    return texts
 
 
 def _prompt_messages(prompt: Any) -> list[dict]:

@@ -6,6 +6,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ext_proc.openai_api import content_part_texts
+
 
 @dataclass
 class SseEvent:
@@ -371,18 +373,11 @@ def _part_texts(content) -> tuple[list[str], list[str]]:
     the refusals among its parts."""
     if isinstance(content, str):
         return [content], []
-    if not isinstance(content, list):
-        return [], []
-    texts, refusals = [], []
-    for part in content:
-        if isinstance(part, str):
-            texts.append(part)
-        elif isinstance(part, dict):
-            if isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            if isinstance(part.get("refusal"), str):
-                refusals.append(part["refusal"])
-    return texts, refusals
+    texts = content_part_texts(content)
+    return (
+        [text for kind, text in texts if kind == "text"],
+        [text for kind, text in texts if kind == "refusal"],
+    )
 
 
 LEGACY_CALL_INDEX = -1

@@ -44,6 +44,20 @@ def run_cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return result
 
 
+def read_lines_until(stream, found, timeout: float = 90.0) -> tuple[list[str], bool]:
+    """Read lines from ``stream`` until ``found(line)`` is true; return them and whether it was."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if found(line):
+            return lines, True
+    return lines, False
+
+
 class RunningGateway:
     def __init__(self, home: Path, environment: dict[str, str] | None = None, workers: int = 1) -> None:
         self.home = home

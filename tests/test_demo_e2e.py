@@ -6,9 +6,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-from gateway_harness import REPO_ROOT, child_environment, free_port, run_cli
+from gateway_harness import REPO_ROOT, child_environment, free_port, read_lines_until, run_cli
 from openai import OpenAI
 from other_envoy import start_other_envoy, stop_other_envoy
 
@@ -16,16 +15,10 @@ from ext_proc.mock_provider import DEFAULT_ANSWER
 
 
 def read_banner(process: subprocess.Popen, timeout: float = 90.0) -> str:
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("Traces:"):
-            return "".join(lines)
-    raise AssertionError("the demo printed no banner:\n" + "".join(lines))
+    lines, found = read_lines_until(process.stdout, lambda line: line.startswith("Traces:"), timeout)
+    if not found:
+        raise AssertionError("the demo printed no banner:\n" + "".join(lines))
+    return "".join(lines)
 
 
 def test_demo_banner_works_as_printed(tmp_path):

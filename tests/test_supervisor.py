@@ -6,11 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
-from gateway_harness import REPO_ROOT, child_environment, free_port
+from gateway_harness import REPO_ROOT, child_environment, free_port, read_lines_until
 from other_envoy import start_other_envoy, stop_other_envoy
 
 from ext_proc.supervisor import GRPC_ENVIRONMENT, GatewayProcesses, StartupError
@@ -118,16 +117,10 @@ def test_admin_port_defaults_to_free_port(tmp_path):
 
 def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 90.0) -> list[str]:
     """Read the process's stderr until a line contains ``text``; return the lines read."""
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"no line with {text!r} in the output:\n" + "".join(lines))
+    lines, found = read_lines_until(process.stderr, lambda line: text in line, timeout)
+    if not found:
+        raise AssertionError(f"no line with {text!r} in the output:\n" + "".join(lines))
+    return lines
 
 
 def stop_group(process: subprocess.Popen) -> None:
