@@ -58,6 +58,16 @@ def read_lines_until(stream, found, timeout: float = 90.0) -> tuple[list[str], b
     return lines, False
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a process started in a session of its own, and its children: SIGINT, then SIGKILL."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class RunningGateway:
     def __init__(self, home: Path, environment: dict[str, str] | None = None, workers: int = 1) -> None:
         self.home = home

@@ -1,13 +1,18 @@
 """`make run`'s job, python -m ext_proc.demo: the banner it prints works as printed."""
 
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 
-from gateway_harness import REPO_ROOT, child_environment, free_port, read_lines_until, run_cli
+from gateway_harness import (
+    REPO_ROOT,
+    child_environment,
+    free_port,
+    read_lines_until,
+    run_cli,
+    stop_group,
+)
 from openai import OpenAI
 from other_envoy import start_other_envoy, stop_other_envoy
 
@@ -48,12 +53,7 @@ def test_demo_banner_works_as_printed(tmp_path):
         proxies = run_cli(home, "proxy", "list", "--json").stdout
         assert '"provider": "openai"' in proxies
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 def test_demo_stops_when_admin_port_taken(tmp_path):

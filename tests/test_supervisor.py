@@ -1,15 +1,19 @@
 """`xenovia up`: the environment it gives its children, and start-up when ports are taken."""
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
-from gateway_harness import REPO_ROOT, child_environment, free_port, read_lines_until
+from gateway_harness import (
+    REPO_ROOT,
+    child_environment,
+    free_port,
+    read_lines_until,
+    stop_group,
+)
 from other_envoy import start_other_envoy, stop_other_envoy
 
 from ext_proc.supervisor import GRPC_ENVIRONMENT, GatewayProcesses, StartupError
@@ -121,15 +125,6 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 90.0) -
     if not found:
         raise AssertionError(f"no line with {text!r} in the output:\n" + "".join(lines))
     return lines
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from gateway_harness import REPO_ROOT, child_environment, free_port
-from test_supervisor import stop_group, wait_for_line
+from gateway_harness import stop_group
+from test_supervisor import wait_for_line
 
 from ext_proc.envoy_config import render_envoy_config
 from ext_proc.supervisor import envoy_binary
