@@ -262,3 +262,25 @@ def test_memory_hungry_query_stopped(home):
     assert result.returncode == EXIT_FAILED
     assert "MEMORY_LIMIT_EXCEEDED" in result.stderr
     assert collector.scalar("SELECT count() FROM traces") == len(traces)
+
+
+def test_query_after_result_limit_works(home):
+    home_dir, collector, traces = home
+    too_big = cli(home_dir, "sql", "SELECT number FROM numbers(100000000)")
+    assert too_big.returncode == EXIT_FAILED
+    assert "TOO_MANY_ROWS_OR_BYTES" in too_big.stderr
+
+    after = cli(home_dir, "sql", "SELECT 1 AS one", "--json")
+
+    assert after.returncode == EXIT_OK, after.stderr
+    assert json.loads(after.stdout) == {"one": 1}
+
+
+def test_uuid_and_address_values_printed(home):
+    home_dir, _, _ = home
+    query = "SELECT toUUID('00000000-0000-0000-0000-000000000001') AS u, toIPv4('1.2.3.4') AS ip"
+
+    result = cli(home_dir, "sql", query, "--json")
+
+    assert result.returncode == EXIT_OK, result.stderr
+    assert json.loads(result.stdout) == {"u": "00000000-0000-0000-0000-000000000001", "ip": "1.2.3.4"}

@@ -42,9 +42,13 @@ class QueryError(StoreError):
 class TraceStore:
     """Opened, migrated trace store with insert and read-only query operations."""
 
-    def __init__(self, client, reader, description: str, embedded: bool) -> None:
+    def __init__(
+        self, client, reader, description: str, embedded: bool, home: Path, url: str | None
+    ) -> None:
         self.client = client
         self.reader = reader
+        self._home = home
+        self._url = url
         self.description = description
         self.embedded = embedded
         # Quoting the schema text is slow enough to show in a profile, so it is done once.
@@ -81,7 +85,7 @@ class TraceStore:
         except (ClickHouseError, OSError) as exc:
             raise StoreError(f"cannot open trace store: {exc}") from exc
         description = _describe_url(url) if url else f"chdb {clickhouse_store_path(home)}"
-        return cls(client, reader, description, embedded=not url)
+        return cls(client, reader, description, embedded=not url, home=home, url=url)
 
     def insert(self, batch: EncodedBatch, token: str) -> None:
         """Insert one batch; a retry with the same ``token`` writes nothing twice."""
@@ -135,8 +139,18 @@ class TraceStore:
             _reject_outside_access(row[0] for row in syntax.result_rows)
             result = self.reader.query(sql, parameters=parameters)
         except ClickHouseError as exc:
+            # A query stopped part way (a result over the size limit, say) can leave unread
+            # data on the connection that the next query would read, so it is replaced.
+            self._reopen_reader()
             raise QueryError(str(exc)) from exc
         return list(result.column_names), result.result_rows
+
+    def _reopen_reader(self) -> None:
+        try:
+            self.reader.close()
+            self.reader = _connect(self._home, self._url, _read_only_settings(self._url))
+        except (ClickHouseError, OSError) as exc:
+            logger.warning("trace store: reopening the query connection failed: %s", exc)
 
     def close(self) -> None:
         self.reader.close()
@@ -225,7 +239,10 @@ def json_value(value):
         return [json_value(item) for item in value]
     if isinstance(value, (bytes, bytearray)):
         return value.decode(errors="replace")
-    return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    # UUID, IPv4Address, IPv6Address and any other value type: its text form.
+    return str(value)
 
 
 def rows_to_json(rows: list[tuple]) -> list[str]:
