@@ -91,24 +91,39 @@ Traces: .venv/bin/xenovia traces list --home {home}     Stop: Ctrl-C
 """, flush=True)
 
 
+def _port_setting(name: str, default: int, lowest: int) -> int:
+    """Read a port number from the environment variable ``name``; raise StartupError if invalid."""
+    text = os.environ.get(name, str(default))
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not lowest <= port <= 65535:
+        raise StartupError(f"{name} must be a port number from {lowest} to 65535, got {text!r}")
+    return port
+
+
 def main() -> int:
     os.environ.pop("RUST_BACKTRACE", None)
     logging.basicConfig(level=os.environ.get("XENOVIA_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     home = home_paths.home_dir()
     home_paths.run_dir(home).mkdir(parents=True, exist_ok=True)
-    port = int(os.environ.get("XENOVIA_PORT", DEFAULT_PORT))
-    # The admin port defaults to 0, a free port, so that make run does not collide with
-    # another Envoy's admin API (9901 is every Envoy's default).
-    gateway = GatewayProcesses(home, port, int(os.environ.get("XENOVIA_ADMIN_PORT", 0)))
     upstream = os.environ.get("XENOVIA_DEMO_UPSTREAM_URL")
     mock_process = None
     try:
+        port = _port_setting("XENOVIA_PORT", DEFAULT_PORT, lowest=1)
+        # The admin port defaults to 0, a free port, so that make run does not collide with
+        # another Envoy's admin API (9901 is every Envoy's default).
+        gateway = GatewayProcesses(home, port, _port_setting("XENOVIA_ADMIN_PORT", 0, lowest=0))
+        mock_port_setting = _port_setting("XENOVIA_MOCK_PORT", DEFAULT_MOCK_PORT, lowest=1)
+        if upstream is None and mock_port_setting == port:
+            raise StartupError(f"XENOVIA_MOCK_PORT and XENOVIA_PORT are both {port}; "
+                               "set one of them to another port")
+        gateway.claim_home()
         gateway.check_ports()
         if upstream is None:
-            mock_process, mock_port = start_mock_provider(
-                home, int(os.environ.get("XENOVIA_MOCK_PORT", DEFAULT_MOCK_PORT))
-            )
+            mock_process, mock_port = start_mock_provider(home, mock_port_setting)
             upstream = f"http://127.0.0.1:{mock_port}/v1"
         proxy_id, key = ensure_demo_proxy(home, upstream, os.environ.get("XENOVIA_DEMO_UPSTREAM_KEY_ENV"))
         try:

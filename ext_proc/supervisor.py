@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ MAX_RESTARTS_PER_WINDOW = 5
 # Envoy writes the address its admin API listens on to this file in the run folder
 # (--admin-address-path), which matters when the admin port is 0 (any free port).
 ADMIN_ADDRESS_FILE = "envoy-admin.address"
+# Held (flock) by the xenovia up that runs on a home folder; it contains that process's id.
+HOME_LOCK_FILE = "up.lock"
 # Calls to the admin API on loopback must not go through an HTTP proxy from the environment.
 _ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -115,6 +118,7 @@ class GatewayProcesses:
         self.envoy = envoy
         self.ext_proc_endpoints: list[Path | tuple[str, int]] = []
         self.admin_address: str | None = None
+        self._home_lock = None
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.commands: dict[str, list[str]] = {}
         self.restarts: dict[str, list[float]] = {}
@@ -157,6 +161,33 @@ class GatewayProcesses:
                        name, replacement.pid, process.returncode)
         return True
 
+    def claim_home(self) -> None:
+        """Raise StartupError when another ``xenovia up`` runs on the same home folder.
+
+        Two would share the run folder's sockets and the embedded trace store, and the one
+        that stops last removes the sockets the other still serves on. The lock is released
+        when this process exits, however it exits.
+        """
+        if self._home_lock is not None:
+            return
+        run_dir = home_paths.run_dir(self.home)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / HOME_LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise StartupError(
+                f"another xenovia up (pid {holder}) is running with home {self.home}; stop it "
+                "or choose another home with --home or XENOVIA_HOME"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._home_lock = lock
+
     def check_ports(self) -> None:
         """Raise StartupError when a port this gateway must listen on is taken.
 
@@ -164,6 +195,9 @@ class GatewayProcesses:
         does not name the setting to change. A port taken after this check still stops
         start-up, because _wait_for_envoy accepts only the Envoy started here.
         """
+        if self.envoy and self.admin_port == self.port:
+            raise StartupError(f"the listener and Envoy admin ports are both {self.port}; "
+                               "choose another admin port with --admin-port or XENOVIA_ADMIN_PORT")
         if self.envoy:
             check_port_free(self.listen_address, self.port, "listener",
                             "--port or XENOVIA_PORT")
@@ -176,6 +210,7 @@ class GatewayProcesses:
                                 f"ext_proc worker {index}", "--ext-proc-port")
 
     def start(self) -> None:
+        self.claim_home()
         self.check_ports()
         run_dir = home_paths.run_dir(self.home)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +340,9 @@ class GatewayProcesses:
                     process.wait()
             logger.info("stopped %s", name)
         self.processes.clear()
+        if self._home_lock is not None:
+            self._home_lock.close()
+            self._home_lock = None
 
 
 def _read_admin_address(address_file: Path) -> str | None:

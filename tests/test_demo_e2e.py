@@ -100,3 +100,21 @@ def test_demo_stops_when_listener_port_taken(tmp_path):
     assert "is running" not in result.stdout
     assert (f"listener port {port} on 127.0.0.1 is in use by another process; "
             "choose another with --port or XENOVIA_PORT") in result.stderr
+
+
+def test_demo_rejects_invalid_port_settings(tmp_path):
+    port = str(free_port())
+    for settings, message in (
+        ({"XENOVIA_PORT": "abc"}, "XENOVIA_PORT must be a port number from 1 to 65535, got 'abc'"),
+        ({"XENOVIA_MOCK_PORT": "99999"}, "XENOVIA_MOCK_PORT must be a port number"),
+        ({"XENOVIA_PORT": port, "XENOVIA_MOCK_PORT": port}, "are both"),
+    ):
+        environment = child_environment(tmp_path / "home", settings)
+        result = subprocess.run(
+            [sys.executable, "-m", "ext_proc.demo"], env=environment, cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=60,
+        )
+
+        assert result.returncode == 1
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr

@@ -1,6 +1,7 @@
 """`xenovia up`: the environment it gives its children, and start-up when ports are taken."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -162,3 +163,29 @@ def test_bad_worker_count_variable_spares_other_commands(tmp_path, monkeypatch, 
     monkeypatch.setenv("XENOVIA_WORKERS", "abc")
 
     assert main(["--home", str(tmp_path), "proxy", "list"]) == 0
+
+
+def test_second_up_on_same_home_rejected(tmp_path):
+    first = GatewayProcesses(tmp_path, port=free_port())
+    first.claim_home()
+    try:
+        result = run_up(tmp_path, "--port", str(free_port()))
+    finally:
+        first.stop()
+
+    assert result.returncode == 1
+    assert f"another xenovia up (pid {os.getpid()}) is running with home {tmp_path}" in result.stderr
+    assert "started collector" not in result.stderr
+    # The lock goes with the process that held it.
+    second = GatewayProcesses(tmp_path, port=free_port())
+    second.claim_home()
+    second.stop()
+
+
+def test_same_listener_and_admin_port_rejected(tmp_path):
+    port = free_port()
+
+    result = run_up(tmp_path, "--port", str(port), "--admin-port", str(port))
+
+    assert result.returncode == 1
+    assert f"the listener and Envoy admin ports are both {port}" in result.stderr
