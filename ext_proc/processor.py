@@ -337,6 +337,11 @@ class Exchange:
             # force until the files load again, which monitoring should see.
             health["status"] = "degraded"
             health["registry_error"] = self.gateway.watcher.error
+        session_error = self.gateway.sessions.recent_error()
+        if session_error:
+            # Calls still go through, each in a new session (or the header's) at turn 1.
+            health["status"] = "degraded"
+            health["session_store_error"] = session_error
         policy_errors = self.gateway.policy_errors()
         if policy_errors:
             # Calls at those stages are denied with policy_error until the files compile.

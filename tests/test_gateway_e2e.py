@@ -631,3 +631,29 @@ def test_vendor_credentials_not_forwarded(gateway, access):
     seen = gateway.provider.requests[-1]["headers"]
     for name in sent:
         assert name not in seen
+
+
+def test_health_reports_unreachable_session_store(provider, tmp_path):
+    from gateway_harness import RunningGateway, free_port, run_cli
+
+    home = tmp_path / "no-redis"
+    # Nothing listens on this port, so every session store call fails.
+    environment = {"XENOVIA_TEST_PROVIDER_KEY": PROVIDER_KEY,
+                   "XENOVIA_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    running = RunningGateway(home, environment).start()
+    try:
+        proxy_id = run_cli(home, "proxy", "create", "--name", "no-redis", "--upstream-url",
+                           provider.base_url).stdout.strip()
+        key = run_cli(home, "key", "create", "--proxy", proxy_id).stdout.strip()
+        running.wait_for_reload()
+        assert running.health()["status"] == "ok"
+
+        client = OpenAI(api_key=key, base_url=running.base_url(proxy_id), max_retries=0)
+        completion = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+        assert completion.choices[0].message.content
+        health = running.health()
+        assert health["status"] == "degraded"
+        assert "session" in health["session_store_error"]
+    finally:
+        assert running.stop() == 0

@@ -66,9 +66,13 @@ class _ThrottledErrorLog:
         self._interval = interval
         self._next_at = 0.0
         self._suppressed = 0
+        self.last_error = ""
+        self.last_error_at = float("-inf")
 
     def report(self, operation: str, exc: BaseException) -> None:
         now = time.monotonic()
+        self.last_error = f"session {operation} failed: {exc}"[:500]
+        self.last_error_at = now
         if now < self._next_at:
             self._suppressed += 1
             return
@@ -88,6 +92,10 @@ class _ThrottledErrorLog:
         self._suppressed = 0
 
 
+# /healthz reports a session store error for this long after it happened.
+RECENT_ERROR_SECONDS = 60.0
+
+
 class SessionResolver:
     """Assign requests to sessions and record the responses that later requests link back to.
 
@@ -98,6 +106,12 @@ class SessionResolver:
     def __init__(self, store: SessionStore) -> None:
         self._store = store
         self._errors = _ThrottledErrorLog()
+
+    def recent_error(self) -> str:
+        """Return the last store error of the past minute, or "" when there was none."""
+        if time.monotonic() - self._errors.last_error_at > RECENT_ERROR_SECONDS:
+            return ""
+        return self._errors.last_error
 
     async def resolve(
         self,
