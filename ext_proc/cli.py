@@ -65,9 +65,10 @@ def cmd_up(args) -> int:
         return 1
     if args.no_envoy:
         print("List these endpoints under lb_endpoints of the xenovia_ext_proc cluster in your "
-              "Envoy config (see envoy/envoy.yaml):", file=sys.stderr)
+              "Envoy config (indented as in the clusters part of envoy/envoy.yaml):",
+              file=sys.stderr)
         for endpoint in gateway.ext_proc_endpoints:
-            print(f"    - endpoint: {{ address: {{ {envoy_endpoint_address(endpoint)} }} }}",
+            print(f"        - endpoint: {{ address: {{ {envoy_endpoint_address(endpoint)} }} }}",
                   file=sys.stderr)
         print(f"Xenovia ext_proc workers and trace collector running without Envoy (home {home}); "
               "Ctrl-C stops them", file=sys.stderr, flush=True)

@@ -38,8 +38,10 @@ def start_without_envoy(home, *args: str) -> tuple[subprocess.Popen, list[str]]:
     except AssertionError:
         stop_group(process)
         raise
-    endpoints = [line.strip() for line in lines if line.strip().startswith("- endpoint:")]
-    return process, endpoints
+    printed = [line.rstrip("\n") for line in lines if line.strip().startswith("- endpoint:")]
+    # Indented as under lb_endpoints in envoy/envoy.yaml, so that they paste there as printed.
+    assert all(line.startswith("        - endpoint:") for line in printed), printed
+    return process, [line.strip() for line in printed]
 
 
 def grpc_target(endpoint_line: str) -> str:
