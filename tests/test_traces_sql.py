@@ -35,6 +35,7 @@ WRITES = (
     "SELECT * FROM file('/etc/hostname', 'LineAsString')",
     "SELECT file('/etc/hostname')",
     "SELECT 1 SETTINGS max_execution_time = 0",
+    "INSERT INTO traces SELECT * FROM traces LIMIT 0",
 )
 
 

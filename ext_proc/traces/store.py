@@ -135,8 +135,11 @@ class TraceStore:
         reads files or other servers, or changes settings (see _reject_outside_access).
         """
         try:
-            syntax = self.reader.query(f"EXPLAIN AST {sql}", parameters=parameters)
-            _reject_outside_access(row[0] for row in syntax.result_rows)
+            # raw_query: query() would first send a statement ending in LIMIT 0 as a probe.
+            syntax = self.reader.raw_query(
+                f"EXPLAIN AST {sql}", parameters=parameters, fmt="TabSeparatedRaw"
+            )
+            _reject_outside_access(syntax.decode("utf-8", "replace").splitlines())
             result = self.reader.query(sql, parameters=parameters)
         except ClickHouseError as exc:
             # A query stopped part way (a result over the size limit, say) can leave unread
@@ -191,8 +194,12 @@ def _reject_outside_access(ast_lines) -> None:
     A SETTINGS clause is rejected too: on a ClickHouse server (readonly=2) it could lift the
     limits above.
     """
-    for line in ast_lines:
+    for index, line in enumerate(ast_lines):
         words = line.split()
+        if index == 0 and words and words[0] == "InsertQuery":
+            # readonly rejects it too, but INSERT ... LIMIT 0 first meets a client-side check
+            # whose message names the client library, not the reason.
+            raise QueryError("queries may not write (INSERT) (READONLY)")
         if words == ["Set"]:
             raise QueryError("queries may not change settings (SETTINGS clause) (READONLY)")
         if len(words) < 2 or words[0] not in ("Function", "TableFunction"):
