@@ -439,13 +439,17 @@ class Exchange:
         """Take the response stage's engine once the request is let through.
 
         A call in flight when its proxy's policies change, or the proxy is deleted, is then
-        governed by the policies it started with. A policy that does not compile is reported
-        when the response arrives.
+        governed by the policies it started with. A response policy that does not compile
+        would block the answer, so the request is blocked now and the provider never called.
         """
         try:
             self.policy_engine("response")
         except PolicyUnavailable:
-            pass
+            self.evaluate_policy("response", None)  # records the deny step and its error
+            self.policy_outcome = "block_response"
+            raise GatewayError(
+                403, errors.POLICY_ERROR, errors.POLICY_BLOCK_MESSAGE, errors.POLICY_VIOLATION
+            ) from None
 
     def evaluate_policy(self, stage: str, output: dict | None):
         """Evaluate the proxy's policy for a stage and record the outcome; None when none is attached.

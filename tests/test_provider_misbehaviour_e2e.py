@@ -275,3 +275,26 @@ def test_status_beyond_599_not_passed_on(gateway, proxies):
     assert error_of(response)["code"] == "upstream_invalid_status"
     trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
     assert trace["status"] == 502
+
+
+def test_broken_response_policy_blocks_before_provider(gateway, provider_url, tmp_path):
+    from ext_proc import home as home_paths
+
+    access = gateway.new_proxy("broken-response", upstream_url=provider_url)
+    policy = tmp_path / "gate.rego"
+    policy.write_text(DENY_DROP_TABLE)
+    assert gateway.attach(access.proxy_id, "response", policy).returncode == 0
+    policy_file = home_paths.policy_file(gateway.home, access.proxy_id, "response", "gate")
+    home_paths.write_atomically(policy_file, b"package xenovia.policy\n\ndeny := {\n")
+    gateway.wait_for_reload()
+    script = answer_with(200, {"content-type": "application/json"}, json.dumps(ANSWER).encode())
+
+    response = post(access)
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "policy_error"
+    # The answer could not have been released, so the provider was never called.
+    assert script.calls == 0
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["policy_outcome"] == "block_response"
+    assert trace["policy_rule_id"] == "gate.error"
