@@ -323,7 +323,7 @@ def test_envoy_reply_names_one_session(tmp_path, session_id):
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "gateway_error"
     assert response.json()["error"]["message"] == (
-        "the gateway's policy service is unavailable; try again shortly"
+        "the gateway's policy service is unavailable or did not answer in time; try again shortly"
     )
     sessions = response.headers.get_list("x-xenovia-session-id")
     assert len(sessions) == 1, sessions

@@ -657,3 +657,26 @@ def test_health_reports_unreachable_session_store(provider, tmp_path):
         assert "session" in health["session_store_error"]
     finally:
         assert running.stop() == 0
+
+
+def test_stalled_service_gets_timeout_message(gateway):
+    import os
+    import re
+    import signal
+
+    access = gateway.new_proxy("stalled")
+    started = re.findall(r"started ext_proc worker 0 \(pid (\d+)\)", gateway.log_tail(400))
+    worker = int(started[-1])
+    # A stopped worker accepts the stream but never answers: Envoy's 10 s message timeout.
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        response = raw_post(access)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+
+    assert response.status_code == 504
+    error = response.json()["error"]
+    assert error["code"] == "gateway_error"
+    assert "did not answer in time" in error["message"]
+    assert response.headers["x-xenovia-trace-id"] == error["request_id"]
+    assert raw_post(access).status_code == 200
