@@ -42,10 +42,10 @@ class ResponseHandler(StreamBodies):
         self.gzip = self.encoding in ("gzip", "x-gzip")
         self.had_content_length = "content-length" in headers
         self.location = headers.get("location", "")
-        # An event stream the client did not ask for is read whole, as the client reads it.
-        asked_stream = exchange.fields is not None and exchange.fields.stream
+        # An event stream the client did not request is read whole, as the client reads it.
+        stream_requested = exchange.fields is not None and exchange.fields.stream
         self.is_stream = (
-            self.content_type.startswith(_SSE_TYPE) and self.status < 400 and asked_stream
+            self.content_type.startswith(_SSE_TYPE) and self.status < 400 and stream_requested
         )
         self.output = ModelOutput(exchange.request_type) if exchange.request_type else None
         self.stream_mode = "none"
@@ -66,30 +66,35 @@ class ResponseHandler(StreamBodies):
         for name, value in self.exchange.trace_headers().items():
             mutation.set(name, value)
         if 300 <= self.status < 400:
-            return self._reject_redirect()
+            # A client that followed the redirect would send its request to the provider's
+            # chosen host directly, past request redaction, the response policy and the trace.
+            return self._reject_status(
+                errors.UPSTREAM_REDIRECT,
+                f"the upstream returned a redirect (HTTP {self.status}), which the gateway "
+                "does not follow or pass on; check the proxy's upstream URL",
+            )
         if self.status >= 600:
             # Not an HTTP status a client knows how to read, so not one the gateway passes on.
-            logger.warning("trace %s: provider returned HTTP %d; returning 502",
-                           self.exchange.trace_id, self.status)
-            return self.exchange.reject(errors.GatewayError(
-                502, errors.UPSTREAM_INVALID_STATUS,
+            return self._reject_status(
+                errors.UPSTREAM_INVALID_STATUS,
                 f"the upstream returned HTTP {self.status}, which is not a valid status",
-                errors.UPSTREAM,
-            ), details=errors.UPSTREAM_INVALID_STATUS)
+            )
         if end_of_stream and self.status >= 400:
             return self._add_error_body(mutation)
         if self.exchange.proxy is None:
             return msgs.response_headers_reply(mutation)
         if end_of_stream:
             if self._response_engine() is not None:
-                # Treated as an empty body: the policy has nothing to evaluate, so it is not released.
-                return self._block_response(errors.POLICY_ERROR, "the provider's answer has no body")
+                # Treated as an empty body: the policy has nothing to evaluate, so it is blocked.
+                return self._block_response(
+                    errors.POLICY_ERROR, "the provider's response has no body"
+                )
             return msgs.response_headers_reply(mutation)
         if self.encoding not in _READABLE_ENCODINGS:
             if self._response_engine() is not None:
                 return self._block_response(
                     errors.POLICY_ERROR,
-                    f"the provider's answer has Content-Encoding {self.encoding[:64]}, "
+                    f"the provider's response has Content-Encoding {self.encoding[:64]}, "
                     "which the gateway cannot decode",
                 )
             # Passed on untouched, since a body the gateway changed would no longer decode.
@@ -120,20 +125,14 @@ class ResponseHandler(StreamBodies):
             mutation.remove("content-encoding")
         return msgs.response_headers_reply(mutation, msgs.STREAMED)
 
-    def _reject_redirect(self) -> msgs.ProcessingResponse:
-        # A client that followed the redirect would send its request to the provider's chosen
-        # host directly, past request redaction, the response policy and the trace.
+    def _reject_status(self, code: str, message: str) -> msgs.ProcessingResponse:
+        """Reply 502 in place of a provider response whose status is not passed on."""
         logger.warning(
-            "trace %s: provider returned redirect HTTP %d (Location %r); returning 502",
-            self.exchange.trace_id, self.status, self.location[:200],
+            "trace %s: provider returned HTTP %d (Location %r); returning 502 %s",
+            self.exchange.trace_id, self.status, self.location[:200], code,
         )
-        error = errors.GatewayError(
-            502, errors.UPSTREAM_REDIRECT,
-            f"the upstream answered with a redirect (HTTP {self.status}), which the gateway "
-            "does not follow or pass on; check the proxy's upstream URL",
-            errors.UPSTREAM,
-        )
-        return self.exchange.reject(error, details=errors.UPSTREAM_REDIRECT)
+        error = errors.GatewayError(502, code, message, errors.UPSTREAM)
+        return self.exchange.reject(error, details=code)
 
     def _response_engine(self):
         try:

@@ -74,22 +74,26 @@ def access(gateway):
     return gateway.new_proxy("endpoints")
 
 
-@pytest.fixture(scope="module")
-def guarded(gateway, tmp_path_factory):
-    access = gateway.new_proxy("endpoints-guarded")
-    policy = tmp_path_factory.mktemp("policy") / "endpoint_guard.rego"
-    policy.write_text(BLOCK_POLICY)
+def proxy_with_request_policy(gateway, tmp_path_factory, name: str, policy_name: str, text: str):
+    access = gateway.new_proxy(name)
+    policy = tmp_path_factory.mktemp("policy") / f"{policy_name}.rego"
+    policy.write_text(text)
     assert gateway.attach(access.proxy_id, "request", policy).returncode == 0
     return access
+
+
+@pytest.fixture(scope="module")
+def guarded(gateway, tmp_path_factory):
+    return proxy_with_request_policy(
+        gateway, tmp_path_factory, "endpoints-guarded", "endpoint_guard", BLOCK_POLICY
+    )
 
 
 @pytest.fixture(scope="module")
 def phrase_guarded(gateway, tmp_path_factory):
-    access = gateway.new_proxy("endpoints-phrase")
-    policy = tmp_path_factory.mktemp("policy") / "phrase_guard.rego"
-    policy.write_text(PHRASE_POLICY)
-    assert gateway.attach(access.proxy_id, "request", policy).returncode == 0
-    return access
+    return proxy_with_request_policy(
+        gateway, tmp_path_factory, "endpoints-phrase", "phrase_guard", PHRASE_POLICY
+    )
 
 
 def post_json(access, path: str, body: dict) -> httpx.Response:
