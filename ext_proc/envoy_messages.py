@@ -53,10 +53,10 @@ class Mutation:
     def header_count_after(self, names: list[str]) -> int:
         """Return how many header entries a map with entries ``names`` has after this mutation."""
         removed = set(self.remove_headers)
-        kept = [name for name in names if name not in removed]
-        present = set(kept)
+        remaining = [name for name in names if name not in removed]
+        present = set(remaining)
         added = {name for name, _ in self.set_headers if name not in present}
-        return len(kept) + len(added)
+        return len(remaining) + len(added)
 
     def common_response(self) -> ext_proc_pb2.CommonResponse:
         common = ext_proc_pb2.CommonResponse(clear_route_cache=self.clear_route_cache)

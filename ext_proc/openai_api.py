@@ -267,8 +267,8 @@ def _text_of(content: Any) -> str:
 def content_part_texts(content: Any) -> list[tuple[str, str]]:
     """Return ("text" or "refusal", text) for each text of a list of content parts, in order.
 
-    A bare string in the list is a text; a single part sent without its list counts as
-    one, since providers that accept it read its text.
+    A bare string in the list is a text. A single part sent without its list counts as a
+    list of one, because providers that accept it read its text.
     """
     if isinstance(content, dict):
         content = [content]

@@ -440,7 +440,7 @@ class Exchange:
 
         A call in flight when its proxy's policies change, or the proxy is deleted, is then
         governed by the policies it started with. A response policy that does not compile
-        would block the answer, so the request is blocked now and the provider never called.
+        would block the response, so the request is blocked now, before the provider is called.
         """
         try:
             self.policy_engine("response")

@@ -99,10 +99,10 @@ def without_hidden_text(event: SseEvent) -> SseEvent:
 
     Comment lines are emptied (a bare ":" still keeps an idle stream open), `id` and `retry`
     lines are dropped, and so is an `event` line unless it repeats the data's `type`, as
-    Responses streams do. OpenAI streams use none of these otherwise, and a client may show
+    Responses streams do. OpenAI's own streams use none of the others, and a client may show
     them: the openai SDK passes an event name along with its data.
     """
-    kept = []
+    lines_out = []
     changed = False
     data = event.json() if event.event else None
     data_type = data.get("type") if isinstance(data, dict) else None
@@ -110,15 +110,16 @@ def without_hidden_text(event: SseEvent) -> SseEvent:
         name = line.partition(b":")[0].strip()
         if line.startswith(b":"):
             changed = changed or line != b":"
-            kept.append(b":")
+            lines_out.append(b":")
         elif name in (b"id", b"retry") or (name == b"event" and event.event != data_type):
             changed = True
         else:
-            kept.append(line)
+            lines_out.append(line)
     if not changed:
         return event
-    raw = b"\n".join(kept) + b"\n\n"
-    return SseEvent(raw, event.event if event.event == data_type else "", event.data, event.unknown_field)
+    raw = b"\n".join(lines_out) + b"\n\n"
+    event_name = event.event if event.event == data_type else ""
+    return SseEvent(raw, event_name, event.data, event.unknown_field)
 
 
 def make_event(data: dict, event: str = "") -> SseEvent:

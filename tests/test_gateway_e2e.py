@@ -667,7 +667,8 @@ def test_stalled_service_gets_timeout_message(gateway):
     access = gateway.new_proxy("stalled")
     started = re.findall(r"started ext_proc worker 0 \(pid (\d+)\)", gateway.log_tail(400))
     worker = int(started[-1])
-    # A stopped worker accepts the stream but never answers: Envoy's 10 s message timeout.
+    # A stopped worker accepts the stream but never replies, so Envoy's 10 s message
+    # timeout ends it.
     os.kill(worker, signal.SIGSTOP)
     try:
         response = raw_post(access)

@@ -431,7 +431,7 @@ deny contains sprintf("tool %s", [tool]) if {
     ],
 )
 def test_lone_deny_policy_decides_as_with_others(dry_run, document):
-    # A lone deny-only policy is evaluated through its deny rule alone; the decision must be
+    # A lone deny-only policy is evaluated through its deny rule alone. Its decision must be
     # the one the generated decision module gives when another policy is attached beside it.
     lone = compile_policy(LONE_DENY, "lone")
     assert lone.decision_rules == (("deny", "always"),)

@@ -293,7 +293,7 @@ def test_broken_response_policy_blocks_before_provider(gateway, provider_url, tm
 
     assert response.status_code == 403
     assert error_of(response)["code"] == "policy_error"
-    # The answer could not have been released, so the provider was never called.
+    # The response could not have been released, so the provider was never called.
     assert script.calls == 0
     trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
     assert trace["policy_outcome"] == "block_response"
