@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ext_proc import errors
+from ext_proc import errors, json_text
 from ext_proc.errors import GatewayError
 
 ROUTE_PATTERN = re.compile(r"^/a/([A-Za-z0-9_-]{1,64})/openai/v1(/[^?#]*)?(\?.*)?$")
@@ -183,14 +183,10 @@ class RequestFields:
         if not self.definitions:
             return self.messages
         if self._definitions_message is None:
-            text = json.dumps(self.definitions, separators=(",", ":"), ensure_ascii=False)
+            text = json_text.compact(self.definitions)
             if any(f'"{key}"' in text for key in _SECRET_KEYS):
                 # Rare (MCP tools): rebuilt without the credentials, which are not model text.
-                text = json.dumps(
-                    _without_keys(self.definitions, _SECRET_KEYS),
-                    separators=(",", ":"),
-                    ensure_ascii=False,
-                )
+                text = json_text.compact(_without_keys(self.definitions, _SECRET_KEYS))
             self._definitions_message = {"role": "system", "content": text}
         return [*self.messages, self._definitions_message]
 

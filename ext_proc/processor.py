@@ -17,7 +17,7 @@ import time
 import uuid
 
 from ext_proc import envoy_messages as msgs
-from ext_proc import errors, openai_api, policy, redaction
+from ext_proc import errors, json_text, openai_api, policy, redaction
 from ext_proc.envoy_messages import Mutation
 from ext_proc.errors import GatewayError
 from ext_proc.gateway import PolicyUnavailable
@@ -365,7 +365,7 @@ class Exchange:
         if self.fields.stream and self.request_type in ("chat_completions", "completions"):
             changed = self._request_stream_usage() or changed
         if changed:
-            new_body = json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+            new_body = json_text.compact(self.body).encode()
             mutation.replace_body(new_body)
             mutation.set("content-length", str(len(new_body)))
         self.upstream_sent = time.perf_counter()
@@ -520,10 +520,7 @@ class Exchange:
             "session_turn": lambda: self.session_turn,
             "properties": lambda: self.properties,
             "stage": lambda: stage,
-            "output": lambda: output,
         }
-        if stage == "request":
-            del values["output"]
         document = {
             name: produce()
             for name, produce in values.items()
@@ -532,9 +529,14 @@ class Exchange:
         if request_keys is not None and (required is None or "request" in required):
             body = self.body or {}
             document["request"] = {key: body[key] for key in request_keys if key in body}
-        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        text = json_text.compact(document)
         if request_keys is None and (required is None or "request" in required) and self.body_text:
             text = text[:-1] + ',"request":' + self.body_text + "}"
+        if stage == "response" and (required is None or "output" in required):
+            # The output comes from the provider's answer, which may hold NaN: the standard
+            # library writes it as NaN, which the engine rejects, so the policy fails closed.
+            output_text = json.dumps(output, separators=(",", ":"), ensure_ascii=False)
+            text = text[:-1] + ',"output":' + output_text + "}"
         return text
 
     # Response: delegated to ResponseHandler, which handles buffered and streamed bodies.

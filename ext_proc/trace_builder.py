@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import OrderedDict
 
+from ext_proc import json_text
 from ext_proc.pb import trace_pb2
 from ext_proc.sse import normalise_usage
 
@@ -130,7 +131,7 @@ def _set_bodies(trace, exchange, output, proxy) -> None:
 
 
 def _json_text(value) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False) if value else ""
+    return json_text.compact(value) if value else ""
 
 
 def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:

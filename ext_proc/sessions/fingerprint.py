@@ -9,8 +9,9 @@ key order or text-part layout the client used.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
+
+from ext_proc import json_text
 
 # Content parts that carry plain text, in the Chat Completions and Responses API shapes.
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
@@ -19,7 +20,7 @@ _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 def message_fingerprint(messages: list[dict]) -> str:
     """Return the hex SHA-256 of the canonical JSON of ``messages``."""
     canonical = [normalize_message(message) for message in messages]
-    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = json_text.compact_sorted(canonical)
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
