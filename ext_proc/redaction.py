@@ -70,23 +70,57 @@ def fold_lookalikes(text: str) -> str:
     return text.translate(_LOOKALIKE_FOLD)
 
 
-def _redact_email(text: str) -> tuple[str, int]:
-    if "@" not in text:
-        return text, 0
-    return _EMAIL_RE.subn("[REDACTED_EMAIL]", text)
+# Characters of an address's local part, the run that _EMAIL_RE's local part matches.
+_LOCAL_PART_CHARACTERS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
+)
+
+# Both patterns begin with look-behinds, which keep Python's re from skipping ahead to a
+# likely start: a search tries the whole pattern at every position (about 50 ns per
+# character). Every match contains a fixed character at a known place ("@" after the local
+# part, "-" three characters in), so the span functions below find those characters with
+# str.find and try the pattern only where a match could start. ``match(text, start)`` reads
+# the characters before ``start``, so the look-behinds decide as in a search, and the spans
+# are the ones ``finditer`` returns (tests/test_redaction.py compares them).
 
 
-def _redact_ssn(text: str) -> tuple[str, int]:
-    if "-" not in text:
-        return text, 0
-    return _SSN_RE.subn("[REDACTED_SSN]", text)
+def _email_spans(text: str) -> list[tuple[int, int]]:
+    spans = []
+    position = 0
+    while (at := text.find("@", position)) >= 0:
+        # A match ends its local part at this "@", so it starts inside the run of local-part
+        # characters before it, and not before the previous match ended.
+        start = at
+        while start > position and text[start - 1] in _LOCAL_PART_CHARACTERS:
+            start -= 1
+        position = at + 1
+        for candidate in range(start, at):
+            match = _EMAIL_RE.match(text, candidate)
+            if match:
+                spans.append(match.span())
+                position = match.end()
+                break
+    return spans
 
 
-_REDACTORS: dict[str, Callable[[str], tuple[str, int]]] = {
-    "email": _redact_email,
-    "ssn": _redact_ssn,
+def _ssn_spans(text: str) -> list[tuple[int, int]]:
+    spans = []
+    position = 0
+    while (dash := text.find("-", position + 3)) >= 0:
+        match = _SSN_RE.match(text, dash - 3)
+        if match:
+            spans.append(match.span())
+            position = match.end()
+        else:
+            position = dash - 2
+    return spans
+
+
+_SPAN_FINDERS: dict[str, Callable[[str], list[tuple[int, int]]]] = {
+    "email": _email_spans,
+    "ssn": _ssn_spans,
 }
-_PATTERNS = {"email": (_EMAIL_RE, "[REDACTED_EMAIL]"), "ssn": (_SSN_RE, "[REDACTED_SSN]")}
+_MARKS = {"email": "[REDACTED_EMAIL]", "ssn": "[REDACTED_SSN]"}
 
 
 def _check_kinds(kinds: frozenset[str]) -> None:
@@ -136,22 +170,22 @@ def _redact_plain(text: str, kinds: frozenset[str], counts: dict[str, int]) -> s
     if folded is not text and folded != text:
         return _redact_folded(text, folded, kinds, counts)
     for kind in kinds:
-        text, found = _REDACTORS[kind](text)
-        if found:
-            counts[kind] = counts.get(kind, 0) + found
+        spans = _SPAN_FINDERS[kind](text)
+        if spans:
+            counts[kind] = counts.get(kind, 0) + len(spans)
+            text = _replace_spans(text, spans, _MARKS[kind])
     return text
 
 
 def _redact_folded(text: str, folded: str, kinds: frozenset[str], counts: dict[str, int]) -> str:
     """Redact ``text`` where its folded copy matches; both change in step, so spans stay aligned."""
     for kind in sorted(kinds):
-        pattern, mark = _PATTERNS[kind]
-        spans = [match.span() for match in pattern.finditer(folded)]
+        spans = _SPAN_FINDERS[kind](folded)
         if not spans:
             continue
         counts[kind] = counts.get(kind, 0) + len(spans)
-        text = _replace_spans(text, spans, mark)
-        folded = _replace_spans(folded, spans, mark)
+        text = _replace_spans(text, spans, _MARKS[kind])
+        folded = _replace_spans(folded, spans, _MARKS[kind])
     return text
 
 

@@ -1,7 +1,9 @@
 import json
+import random
 
 import pytest
 
+from ext_proc import redaction
 from ext_proc.redaction import (
     REDACTION_KINDS,
     decode_unicode_escapes,
@@ -110,6 +112,28 @@ def test_long_local_part_redacted():
 def test_long_run_before_at_sign_is_linear():
     text = "a" * 200_000 + "@" + "b" * 200_000 + " x.y@" * 1000
     assert redact_text(text, BOTH) == (text, {})
+
+
+# Pieces that make up addresses, SSNs, near misses and JSON escapes when joined at random.
+_SPAN_PIECES = [
+    "a", "Zq", "0", "7", ".", "-", "_", "%", "+", "@", " ", "\\", "\\n", "\\u0041", "u",
+    "example", ".com", ".io", "xn--p1ai", "mx.1", "123", "45", "6789", "000", "666", "900",
+    "00", "0000", "2024-07-18", "@@", "..", "\"", "123-45-", "-45-6789", "078-05-1120",
+]
+
+
+def test_span_finders_agree_with_finditer():
+    generator = random.Random(20261205)
+    cases = [
+        "".join(generator.choice(_SPAN_PIECES) for _ in range(generator.randint(0, 24)))
+        for _ in range(20_000)
+    ]
+    cases += ["bob@example.com", "a@b.co x@y.org", "123-45-6789-123-45-6789", "1234-56-7890"]
+    for text in cases:
+        emails = [match.span() for match in redaction._EMAIL_RE.finditer(text)]
+        ssns = [match.span() for match in redaction._SSN_RE.finditer(text)]
+        assert redaction._email_spans(text) == emails, text
+        assert redaction._ssn_spans(text) == ssns, text
 
 
 # JSON text: escapes before a value, and values written with \uXXXX escapes.
