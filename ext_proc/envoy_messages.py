@@ -5,7 +5,6 @@ from __future__ import annotations
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from google.protobuf import struct_pb2
 
 ProcessingResponse = ext_proc_pb2.ProcessingResponse
 ProcessingMode = processing_mode_pb2.ProcessingMode
@@ -58,39 +57,38 @@ class Mutation:
         added = {name for name, _ in self.set_headers if name not in present}
         return len(remaining) + len(added)
 
-    def common_response(self) -> ext_proc_pb2.CommonResponse:
-        common = ext_proc_pb2.CommonResponse(clear_route_cache=self.clear_route_cache)
+    def write_to(self, common: ext_proc_pb2.CommonResponse) -> None:
+        """Write this mutation into ``common``, a reply's CommonResponse, in place."""
+        # An empty CommonResponse must still be present: it is what makes the reply's oneof set.
+        common.SetInParent()
+        if self.clear_route_cache:
+            common.clear_route_cache = True
         if self.add_body:
             common.status = ext_proc_pb2.CommonResponse.CONTINUE_AND_REPLACE
         if self.set_headers or self.remove_headers:
             mutation = common.header_mutation
             for name, value in self.set_headers:
-                mutation.set_headers.append(
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
-                        append_action=_OVERWRITE,
-                    )
-                )
+                option = mutation.set_headers.add()
+                option.header.key = name
+                option.header.raw_value = value.encode()
+                option.append_action = _OVERWRITE
             mutation.remove_headers.extend(self.remove_headers)
         if self.body is not None:
             if self.body:
                 common.body_mutation.body = self.body
             else:
                 common.body_mutation.clear_body = True
-        return common
 
 
-def metadata_struct(values: dict[str, str]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.fields[METADATA_NAMESPACE].struct_value.update(values)
-    return struct
+def _write_metadata(reply: ProcessingResponse, values: dict[str, str]) -> None:
+    reply.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(values)
 
 
 def request_headers_reply(mutation: Mutation, metadata: dict[str, str] | None = None):
     reply = ProcessingResponse()
-    reply.request_headers.response.CopyFrom(mutation.common_response())
+    mutation.write_to(reply.request_headers.response)
     if metadata:
-        reply.dynamic_metadata.CopyFrom(metadata_struct(metadata))
+        _write_metadata(reply, metadata)
     return reply
 
 
@@ -99,15 +97,15 @@ def request_body_reply(mutation: Mutation | None = None, metadata: dict[str, str
     if mutation is None:
         reply.request_body.SetInParent()
     else:
-        reply.request_body.response.CopyFrom(mutation.common_response())
+        mutation.write_to(reply.request_body.response)
     if metadata:
-        reply.dynamic_metadata.CopyFrom(metadata_struct(metadata))
+        _write_metadata(reply, metadata)
     return reply
 
 
 def response_headers_reply(mutation: Mutation, body_mode: int | None = None):
     reply = ProcessingResponse()
-    reply.response_headers.response.CopyFrom(mutation.common_response())
+    mutation.write_to(reply.response_headers.response)
     if body_mode is not None:
         reply.mode_override.response_body_mode = body_mode
     return reply
@@ -118,7 +116,7 @@ def response_body_reply(mutation: Mutation | None = None):
     if mutation is None:
         reply.response_body.SetInParent()
     else:
-        reply.response_body.response.CopyFrom(mutation.common_response())
+        mutation.write_to(reply.response_body.response)
     return reply
 
 
@@ -133,7 +131,7 @@ def immediate_reply(
     reply = ProcessingResponse()
     if metadata:
         # Envoy's access log reads the trace id from here, for replies the service writes too.
-        reply.dynamic_metadata.CopyFrom(metadata_struct(metadata))
+        _write_metadata(reply, metadata)
     immediate = reply.immediate_response
     # envoy.type.v3.StatusCode enum values are the HTTP status numbers themselves.
     immediate.status.code = status

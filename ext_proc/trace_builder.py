@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections import OrderedDict
 
 from ext_proc import json_text
@@ -130,6 +130,13 @@ def _set_bodies(trace, exchange, output, proxy) -> None:
         trace.response_content = output.readable_text[:limit]
 
 
+def _step_id() -> str:
+    # A random version 4 UUID in text form, without building a uuid.UUID (three times slower).
+    digits = os.urandom(16).hex()
+    variant = "89ab"[int(digits[16], 16) & 3]
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
+
+
 def _json_text(value) -> str:
     return json_text.compact(value) if value else ""
 
@@ -138,7 +145,7 @@ def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:
     for step_type, name, start_ns, step_ms, status, attributes in exchange.steps:
         trace.steps.append(
             trace_pb2.Step(
-                step_id=str(uuid.uuid4()), step_type=step_type, name=name, start_unix_nano=start_ns,
+                step_id=_step_id(), step_type=step_type, name=name, start_unix_nano=start_ns,
                 latency_ms=step_ms, status=status, attributes=attributes,
             )
         )
@@ -150,7 +157,7 @@ def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:
     if exchange.provider_ms is not None:
         trace.steps.append(
             trace_pb2.Step(
-                step_id=str(uuid.uuid4()), step_type="llm", name=trace.model or "llm",
+                step_id=_step_id(), step_type="llm", name=trace.model or "llm",
                 start_unix_nano=exchange.upstream_sent_ns, latency_ms=exchange.provider_ms,
                 status="ok" if upstream_status < 400 else "error",
                 attributes={"model_served": trace.model_served, "status": str(upstream_status)},
@@ -160,7 +167,7 @@ def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:
         for _, call in sorted(output.tool_calls.items()):
             trace.steps.append(
                 trace_pb2.Step(
-                    step_id=str(uuid.uuid4()), step_type="tool_call", name=call.name,
+                    step_id=_step_id(), step_type="tool_call", name=call.name,
                     start_unix_nano=end_ns, status="blocked" if blocked else "success",
                     tool_name=call.name, tool_args=call.arguments, call_id=call.id,
                 )
@@ -169,7 +176,7 @@ def _add_steps(trace, exchange, output, end_ns: int, latency_ms: float) -> None:
                 _remember_tool_call(call.id, trace.trace_id, end_ns, call.name)
     trace.steps.append(
         trace_pb2.Step(
-            step_id=str(uuid.uuid4()), step_type="request_finished", name="request_finished",
+            step_id=_step_id(), step_type="request_finished", name="request_finished",
             start_unix_nano=end_ns, latency_ms=latency_ms, status=str(trace.status),
         )
     )
@@ -187,7 +194,7 @@ def _add_tool_result_steps(trace, exchange) -> None:
         content = message.get("content", "")
         trace.steps.append(
             trace_pb2.Step(
-                step_id=str(uuid.uuid4()), step_type="tool_result", name=issued[2] if issued else "",
+                step_id=_step_id(), step_type="tool_result", name=issued[2] if issued else "",
                 start_unix_nano=exchange.start_ns, latency_ms=latency_ms,
                 status="error" if _looks_like_error(content) else "success",
                 tool_name=issued[2] if issued else "", tool_result=content, call_id=call_id,
