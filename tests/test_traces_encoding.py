@@ -74,6 +74,9 @@ def random_texts(count: int) -> list[str]:
         "mail bob@example.xn--p1ai now",
         "mail bob@example\u3002com now",
         "ssn 123\u201045\u20106789",
+        "mail bob\u2010@example.com now",
+        "mail bob\u3002@example.com now",
+        "mail bob@\u2010example.com now",
         "ssn \uff11\uff12\uff13\u2013\uff14\uff15\u2013\uff16\uff17\uff18\uff19",
     ],
 )

@@ -88,12 +88,13 @@ _FOLDED_HINTS = (
 # folded copy.
 _AWS_GOOGLE_BYTES = re.compile(rb"A(?:KIA|Iza)")
 # "@" also occurs in binary framing (inside doubles, say), so an address character must
-# come before it and a domain label and a dot after it. The next label may start with a
-# digit or be one letter long ("a@mx.1.example.com"), so only its first character is asked for.
+# come before it and a domain label and a dot after it. A dash or full-stop look-alike
+# ("^") may stand wherever "-" or "." may. The next label may start with a digit or be
+# one letter long ("a@mx.1.example.com"), so only its first character is asked for.
 # One pattern per character that may stand for "@" (or "-"), each starting with it: a
 # pattern that starts with a character class is scanned about ten times slower.
 _EMAIL_FOLDED = tuple(
-    re.compile(at + rb"(?<=[a-z0~._%+-]" + at + rb")[a-z0~-]{1,63}[.^~][a-z0~-]")
+    re.compile(at + rb"(?<=[a-z0~^._%+-]" + at + rb")[a-z0~^-]{1,63}[.^~][a-z0~^-]")
     for at in (rb"@", rb"~")
 )
 _SSN_FOLDED = tuple(
