@@ -27,12 +27,20 @@ JSON_ESCAPE_BEFORE = r'(?<=\\[nrtbf"/\\])|(?<=\\u[0-9A-Fa-f]{4})'
 # escape stays whole. The local part has no length limit: RFC 5321 allows 64 characters,
 # but a reader still sees a longer address, so it is redacted too. A top-level domain is
 # letters, or an internationalized one in its ASCII (punycode) form.
+_EMAIL_ADDRESS = (
+    r"[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}(?:[A-Za-z]{2,24}|xn--[A-Za-z0-9-]{1,59})"
+    r"(?![A-Za-z0-9-])"
+)
 _EMAIL_RE = re.compile(
     r"(?:(?<![A-Za-z0-9._%+-])(?!(?<=\\)(?:[nrtbf]|u[0-9A-Fa-f]{4}))|"
     + JSON_ESCAPE_BEFORE
-    + r")[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]{1,63}\.){1,8}(?:[A-Za-z]{2,24}|xn--[A-Za-z0-9-]{1,59})"
-    r"(?![A-Za-z0-9-])"
+    + r")"
+    + _EMAIL_ADDRESS
 )
+# An address that follows another one, joined only by characters a local part may hold
+# ("a@b.co.x@d.io"), starts after those characters: the look-behind above rejects it.
+_EMAIL_AFTER_ADDRESS_RE = re.compile(_EMAIL_ADDRESS)
+_ADDRESS_JOINERS = frozenset("._%+-")
 
 # US SSN as ddd-dd-dddd. The SSA never issues area 000, 666 or 900-999, group 00 or
 # serial 0000, so those are treated as other numbers (phone fragments, part numbers).
@@ -81,12 +89,14 @@ _LOCAL_PART_CHARACTERS = frozenset(
 # part, "-" three characters in), so the span functions below find those characters with
 # str.find and try the pattern only where a match could start. ``match(text, start)`` reads
 # the characters before ``start``, so the look-behinds decide as in a search, and the spans
-# are the ones ``finditer`` returns (tests/test_redaction.py compares them).
+# are the ones ``finditer`` returns (tests/test_redaction.py compares them), plus addresses
+# joined to the one before them.
 
 
 def _email_spans(text: str) -> list[tuple[int, int]]:
     spans = []
     position = 0
+    previous_end = -1
     while (at := text.find("@", position)) >= 0:
         # A match ends its local part at this "@", so it starts inside the run of local-part
         # characters before it, and not before the previous match ended.
@@ -94,13 +104,30 @@ def _email_spans(text: str) -> list[tuple[int, int]]:
         while start > position and text[start - 1] in _LOCAL_PART_CHARACTERS:
             start -= 1
         position = at + 1
-        for candidate in range(start, at):
-            match = _EMAIL_RE.match(text, candidate)
-            if match:
-                spans.append(match.span())
-                position = match.end()
-                break
+        match = None
+        if start == previous_end:
+            match = _email_after_address(text, start, at)
+        if match is None:
+            match = _first_email_match(text, start, at)
+        if match is not None:
+            spans.append(match.span())
+            position = previous_end = match.end()
     return spans
+
+
+def _email_after_address(text: str, start: int, at: int) -> re.Match | None:
+    first = start
+    while first < at and text[first] in _ADDRESS_JOINERS:
+        first += 1
+    return _EMAIL_AFTER_ADDRESS_RE.match(text, first) if first < at else None
+
+
+def _first_email_match(text: str, start: int, at: int) -> re.Match | None:
+    for candidate in range(start, at):
+        match = _EMAIL_RE.match(text, candidate)
+        if match:
+            return match
+    return None
 
 
 def _ssn_spans(text: str) -> list[tuple[int, int]]:

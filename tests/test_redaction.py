@@ -1,5 +1,6 @@
 import json
 import random
+import re
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_long_run_before_at_sign_is_linear():
 _SPAN_PIECES = [
     "a", "Zq", "0", "7", ".", "-", "_", "%", "+", "@", " ", "\\", "\\n", "\\u0041", "u",
     "example", ".com", ".io", "xn--p1ai", "mx.1", "123", "45", "6789", "000", "666", "900",
-    "00", "0000", "2024-07-18", "@@", "..", "\"", "123-45-", "-45-6789", "078-05-1120",
+    "00", "0000", "2024-07-18", "@@", "..", "\"", "123-45-", "-45-6789", "078-05-1120", "a@b.co", "x@d.io",
 ]
 
 
@@ -129,11 +130,41 @@ def test_span_finders_agree_with_finditer():
         for _ in range(20_000)
     ]
     cases += ["bob@example.com", "a@b.co x@y.org", "123-45-6789-123-45-6789", "1234-56-7890"]
+    joined = 0
     for text in cases:
         emails = [match.span() for match in redaction._EMAIL_RE.finditer(text)]
         ssns = [match.span() for match in redaction._SSN_RE.finditer(text)]
-        assert redaction._email_spans(text) == emails, text
+        found = redaction._email_spans(text)
         assert redaction._ssn_spans(text) == ssns, text
+        extra = 0
+        for before, (start, end) in zip([(0, 0), *found], found):
+            assert re.fullmatch(redaction._EMAIL_ADDRESS, text[start:end]), text
+            match = redaction._EMAIL_RE.match(text, start)
+            if match and match.end() == end:
+                continue
+            # Otherwise the address is joined to the one before it.
+            extra += 1
+            assert before[1] > 0, text
+            assert set(text[before[1] : start]) <= set("._%+-"), text
+        if extra == 0:
+            assert found == emails, text
+        joined += extra
+    assert joined > 100
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a@b.co.x@d.io", "[REDACTED_EMAIL].[REDACTED_EMAIL]"),
+        ("a@b.co+x@d.io", "[REDACTED_EMAIL]+[REDACTED_EMAIL]"),
+        ("a@b.co_x@d.io", "[REDACTED_EMAIL]_[REDACTED_EMAIL]"),
+        ("a@b.co..%x@d.io y", "[REDACTED_EMAIL]..%[REDACTED_EMAIL] y"),
+        ('{"to":"a@b.co.x@d.io"}', '{"to":"[REDACTED_EMAIL].[REDACTED_EMAIL]"}'),
+        ("a@b.co. not an address", "[REDACTED_EMAIL]. not an address"),
+    ],
+)
+def test_joined_addresses_redacted(text, expected):
+    assert redact_text(text, BOTH)[0] == expected
 
 
 # JSON text: escapes before a value, and values written with \uXXXX escapes.
