@@ -148,6 +148,26 @@ def parse_json_body(body: bytes) -> dict:
     return document
 
 
+_SURROGATE_ESCAPE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_provider_json(text: str | bytes) -> Any:
+    """Parse JSON from a provider; raise ValueError for what a policy could not govern.
+
+    That is NaN and infinite numbers (the json module reads them, most other parsers do not),
+    unpaired surrogate escapes (the text cannot be encoded again) and nesting too deep to
+    parse. Duplicate keys are accepted here, unlike in requests: the last value wins.
+    """
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_reject_large_number)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    pattern = _SURROGATE_ESCAPE if isinstance(text, bytes) else _SURROGATE_ESCAPE_TEXT
+    if pattern.search(text):
+        _check_encodable(value)
+    return value
+
+
 def _check_encodable(value: Any) -> None:
     if isinstance(value, str):
         value.encode("utf-8")
@@ -486,16 +506,39 @@ def _strings_in(value: Any, skipped: frozenset[str]) -> list[str]:
     return strings
 
 
-def flatten(document: Any, prefix: str = "", out: dict | None = None) -> dict:
-    """Flatten nested objects and lists to one level with dotted keys (``messages.0.role``)."""
-    if out is None:
-        out = {}
-    if isinstance(document, dict):
-        for key, value in document.items():
-            flatten(value, f"{prefix}{key}.", out)
-    elif isinstance(document, list):
-        for index, value in enumerate(document):
-            flatten(value, f"{prefix}{index}.", out)
-    else:
-        out[prefix[:-1]] = document
+# Every leaf's key repeats its whole path, so a deep or wide body flattens into far more
+# text than it contains (an 800 KB body 300 levels deep gave 248 MB). Beyond this many key
+# characters in all, the policy input is not built and the request is rejected.
+MAX_FLAT_KEY_CHARS = 16 * 1024 * 1024
+
+
+def flatten(document: Any) -> dict:
+    """Flatten nested objects and lists to one level with dotted keys (``messages.0.role``).
+
+    Raises GatewayError 413 when the keys would exceed MAX_FLAT_KEY_CHARS characters.
+    """
+    out: dict = {}
+    budget = [MAX_FLAT_KEY_CHARS]
+    _flatten_into(document, "", out, budget)
     return out
+
+
+def _flatten_into(document: Any, prefix: str, out: dict, budget: list[int]) -> None:
+    if isinstance(document, dict):
+        items = document.items()
+    elif isinstance(document, list):
+        items = enumerate(document)
+    else:
+        key = prefix[:-1]
+        budget[0] -= len(key)
+        if budget[0] < 0:
+            raise GatewayError(
+                413, errors.REQUEST_TOO_LARGE,
+                f"the request has too many nested values for request_flat, the policy input "
+                f"that lists every value by its path: the paths would exceed "
+                f"{MAX_FLAT_KEY_CHARS:,} characters; send fewer or less deeply nested values",
+            )
+        out[key] = document
+        return
+    for key, value in items:
+        _flatten_into(value, f"{prefix}{key}.", out, budget)

@@ -137,6 +137,8 @@ class Exchange:
             return reply
         except GatewayError as exc:
             return self.reject(exc, details=exc.code)
+        except RecursionError:
+            return self._reject_too_deep(request.WhichOneof("request"))
         except Exception as exc:
             logger.exception("trace %s: failed to process %s", self.trace_id, request.WhichOneof("request"))
             return self.reject(
@@ -146,6 +148,24 @@ class Exchange:
             )
         finally:
             self.overhead_s += time.perf_counter() - began
+
+    def _reject_too_deep(self, kind: str) -> msgs.ProcessingResponse:
+        """Fail closed on JSON nested deeper than the gateway's recursive walks can go.
+
+        The parser accepts about 990 levels, but redaction recurses twice per level and
+        stops at about 480.
+        """
+        logger.warning("trace %s: %s nested too deeply to process", self.trace_id, kind)
+        if self.response is not None and kind.startswith("response"):
+            return self.response.block_nested_too_deeply()
+        return self.reject(
+            GatewayError(
+                400, errors.INVALID_JSON,
+                "request body is nested too deeply for the gateway to check; "
+                "send JSON with fewer levels of nesting",
+            ),
+            details=errors.INVALID_JSON,
+        )
 
     def reject(self, error: GatewayError, details: str) -> msgs.ProcessingResponse:
         """Reply to the client with an error; the request is never sent upstream afterwards."""
@@ -533,7 +553,7 @@ class Exchange:
         if request_keys is None and (required is None or "request" in required) and self.body_text:
             text = text[:-1] + ',"request":' + self.body_text + "}"
         if stage == "response" and (required is None or "output" in required):
-            # The output comes from the provider's answer, which may hold NaN: the standard
+            # The output comes from the provider's answer, which may contain NaN: the standard
             # library writes it as NaN, which the engine rejects, so the policy fails closed.
             output_text = json.dumps(output, separators=(",", ":"), ensure_ascii=False)
             text = text[:-1] + ',"output":' + output_text + "}"

@@ -23,6 +23,7 @@ from ext_proc import envoy_messages as msgs
 from ext_proc import errors, policy, redaction
 from ext_proc.envoy_config import DEFAULT_MAX_BODY_BYTES
 from ext_proc.envoy_messages import Mutation
+from ext_proc.openai_api import parse_provider_json
 from ext_proc.response_stream import StreamBodies
 from ext_proc.sse import ModelOutput, SseReassembler
 from ext_proc.stream_redaction import drop_logprobs
@@ -168,8 +169,8 @@ class ResponseHandler(StreamBodies):
         if self.status >= 400:
             return self._on_error_body(decoded)
         try:
-            document = json.loads(decoded) if decoded else None
-        except (ValueError, RecursionError):
+            document = parse_provider_json(decoded) if decoded else None
+        except ValueError:
             document = None
         if isinstance(document, dict) and self.output is not None:
             self.output.add_body(document)
@@ -229,8 +230,8 @@ class ResponseHandler(StreamBodies):
     def _on_error_body(self, body: bytes) -> msgs.ProcessingResponse:
         """Pass OpenAI-shaped provider errors through; wrap anything else in that shape."""
         try:
-            document = json.loads(body)
-        except (ValueError, RecursionError):
+            document = parse_provider_json(body)
+        except ValueError:
             document = None
         error = document.get("error") if isinstance(document, dict) else None
         if isinstance(error, dict) and error.get("type") == errors.GATEWAY_ERROR:
@@ -299,6 +300,9 @@ class ResponseHandler(StreamBodies):
         )
         decision = engine.evaluate(document)
         return redaction.REDACTION_KINDS if decision.error else decision.redact_fields
+
+    def block_nested_too_deeply(self) -> msgs.ProcessingResponse:
+        return self._block_response(errors.POLICY_ERROR, "response is nested too deeply to check")
 
     def _block_response(self, code: str, reason: str = "") -> msgs.ProcessingResponse:
         self.blocked = True

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from ext_proc.openai_api import content_part_texts
+from ext_proc.openai_api import content_part_texts, parse_provider_json
 
 
 @dataclass
@@ -26,9 +26,10 @@ class SseEvent:
         if not self.data or self.is_done_marker:
             return None
         try:
-            value = json.loads(self.data)
-        except (ValueError, RecursionError):
-            # Nested too deeply counts as unreadable, which fails closed under a policy.
+            value = parse_provider_json(self.data)
+        except ValueError:
+            # Unreadable (NaN, an unpaired surrogate, nested too deeply, not JSON at all):
+            # fails closed under a policy.
             return None
         return value if isinstance(value, dict) else None
 
@@ -434,5 +435,11 @@ def normalise_usage(usage: dict | None) -> Usage:
     return Usage(tokens_in, tokens_out, cached, reasoning)
 
 
+# The trace's token columns are UInt32; a count beyond it is a provider's error, not usage.
+_MAX_TOKEN_COUNT = 2**32 - 1
+
+
 def _int(value) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_TOKEN_COUNT:
+        return value
+    return None

@@ -298,3 +298,63 @@ def test_broken_response_policy_blocks_before_provider(gateway, provider_url, tm
     trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
     assert trace["policy_outcome"] == "block_response"
     assert trace["policy_rule_id"] == "gate.error"
+
+
+LENIENT_ANSWERS = {
+    "nan outside content": json.dumps({**ANSWER, "score": float("nan")}).encode(),
+    "infinity": json.dumps({**ANSWER, "created": float("inf")}).encode(),
+    "unpaired surrogate": json.dumps(ANSWER).encode().replace(b"users;", b"users \\ud800"),
+}
+
+
+@pytest.mark.parametrize("body", LENIENT_ANSWERS.values(), ids=LENIENT_ANSWERS.keys())
+def test_lenient_json_answer_blocked_under_policy(proxies, body):
+    answer_with(200, {"content-type": "application/json"}, body)
+
+    response = post(proxies["hold"])
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "policy_error"
+
+
+@pytest.mark.parametrize("mode", ["hold", "live"])
+def test_lenient_json_event_blocked_under_policy(proxies, mode):
+    chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": "Hi"}}], "x": float("nan")})
+    answer_with(200, {"content-type": "text/event-stream"}, f"data: {chunk}\n\n".encode())
+
+    response = post(proxies[mode], stream=True)
+
+    assert b"NaN" not in response.content
+    if mode == "hold":
+        assert response.status_code == 403
+    else:
+        assert b'"code":"policy_error"' in response.content
+
+
+def test_unpaired_surrogate_answer_traced_without_policy(gateway, proxies):
+    answer_with(200, {"content-type": "application/json"}, LENIENT_ANSWERS["unpaired surrogate"])
+
+    response = post(proxies["open"])
+
+    assert response.status_code == 200
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["status"] == 200
+    assert trace["error_type"] == ""
+    assert trace["messages"]
+    health = httpx.get(proxies["open"].base_url.split("/a/")[0] + "/healthz", timeout=10).json()
+    assert "session_store_error" not in health
+
+
+def test_usage_beyond_token_column_traced(gateway, proxies):
+    usage = {"prompt_tokens": 2**32, "completion_tokens": 2, "total_tokens": 2**32 + 2}
+    body = json.dumps({**ANSWER, "usage": usage}).encode()
+    answer_with(200, {"content-type": "application/json"}, body)
+
+    response = post(proxies["open"])
+
+    assert response.status_code == 200
+    trace = wait_for_trace(gateway.home, response.headers["x-xenovia-trace-id"])
+    assert trace["error_type"] == ""
+    assert trace["tokens_in"] is None
+    assert trace["tokens_out"] == 2
+    assert trace["messages"]

@@ -95,3 +95,59 @@ def test_sdk_error_request_id_is_trace_id(gateway):
     trace_id = raised.value.response.headers["x-xenovia-trace-id"]
     assert raised.value.request_id == trace_id
     assert raised.value.body["request_id"] == trace_id
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_body_too_deep_to_redact_rejected(gateway):
+    # The parser accepts this depth, but redaction walks two stack frames per level.
+    access = gateway.new_proxy("too-deep-to-redact")
+    assert gateway.attach(access.proxy_id, "request", REDACT_POLICY).returncode == 0
+    payload = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "mail bob@example.com"}],
+        "metadata": {"x": _nested(600)},
+    }
+
+    response = httpx.post(
+        access.base_url + "/chat/completions",
+        headers={"authorization": f"Bearer {access.key}"},
+        json=payload,
+        timeout=30,
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert "nested too deeply" in error["message"]
+
+
+def test_request_flat_too_large_rejected(gateway, tmp_path):
+    policy = tmp_path / "flat.rego"
+    policy.write_text(
+        'package xenovia.policy\n\ndeny contains "flagged" if input.request_flat["x"] == 1\n'
+    )
+    access = gateway.new_proxy("flat-too-large")
+    assert gateway.attach(access.proxy_id, "request", policy).returncode == 0
+    # A 90 KB body: 45,000 numbers 200 levels deep, each with a key of about 400 characters.
+    deep_list = [0] * 45_000
+    for _ in range(200):
+        deep_list = [deep_list]
+    payload = {"model": "gpt-4o-mini", "messages": MESSAGES, "metadata": {"x": deep_list}}
+
+    response = httpx.post(
+        access.base_url + "/chat/completions",
+        headers={"authorization": f"Bearer {access.key}"},
+        json=payload,
+        timeout=60,
+    )
+
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large"
+    assert "request_flat" in error["message"]

@@ -21,7 +21,8 @@ def message_fingerprint(messages: list[dict]) -> str:
     """Return the hex SHA-256 of the canonical JSON of ``messages``."""
     canonical = [normalize_message(message) for message in messages]
     encoded = json_text.compact_sorted(canonical)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    # surrogatepass: text from a lenient parser may contain an unpaired surrogate.
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def normalize_message(message: dict) -> dict:
