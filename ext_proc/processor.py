@@ -311,6 +311,10 @@ class Exchange:
                                errors.UPSTREAM)
         mutation = Mutation()
         for name in headers:
+            if name.startswith(":"):
+                # Pseudo-headers cannot be removed (Envoy rejects and counts it), and
+                # :authority, the one the pattern matches, is set below.
+                continue
             if name.startswith(_STRIPPED_PREFIX) or name in _STRIPPED_HEADERS or _CREDENTIAL_OR_CLIENT.search(name):
                 mutation.remove(name)
         if self.proxy.upstream_key_env:

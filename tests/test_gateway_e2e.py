@@ -681,3 +681,19 @@ def test_stalled_service_gets_timeout_message(gateway):
     assert "did not answer in time" in error["message"]
     assert response.headers["x-xenovia-trace-id"] == error["request_id"]
     assert raw_post(access).status_code == 200
+
+
+def _envoy_counter(gateway, name: str) -> int:
+    address = (gateway.home / "run" / "envoy-admin.address").read_text().strip()
+    stats = httpx.get(f"http://{address}/stats?filter={name}", timeout=10).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines() if name in line)
+
+
+def test_forwarded_call_has_no_rejected_mutation(gateway, access):
+    before = _envoy_counter(gateway, "rejected_header_mutations")
+
+    response = raw_post(access, headers={"x-auth-token": "t0ken-of-the-client"})
+
+    assert response.status_code == 200
+    assert gateway.provider.requests[-1]["headers"].get("x-auth-token") is None
+    assert _envoy_counter(gateway, "rejected_header_mutations") == before
