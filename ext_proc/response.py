@@ -225,6 +225,7 @@ class ResponseHandler(StreamBodies):
         mutation.replace_body(body)
         mutation.set("content-type", "application/json")
         mutation.set("content-length", str(len(body)))
+        mutation.set("x-request-id", self.exchange.trace_id)
         return msgs.response_headers_reply(mutation)
 
     def _on_error_body(self, body: bytes) -> msgs.ProcessingResponse:
@@ -279,6 +280,8 @@ class ResponseHandler(StreamBodies):
         mutation.replace_body(new_body)
         mutation.set("content-type", "application/json")
         mutation.set("content-length", str(len(new_body)))
+        # The body is the gateway's, so its request id is too (OpenAI SDKs read this header).
+        mutation.set("x-request-id", self.exchange.trace_id)
         mutation.remove("content-encoding")
         return msgs.response_body_reply(mutation)
 

@@ -331,3 +331,4 @@ def test_envoy_reply_names_one_session(tmp_path, session_id):
     assert uuid.UUID(sessions[0])
     if session_id:
         assert sessions[0] == session_id
+    assert response.headers.get("x-request-id") == response.json()["error"]["request_id"]

@@ -50,6 +50,8 @@ def assert_openai_error(response, status, code):
     assert error["message"]
     assert error["type"]
     assert error["request_id"] == response.headers["x-xenovia-trace-id"]
+    # OpenAI SDKs take an error's request_id from this header.
+    assert response.headers.get("x-request-id") == error["request_id"]
     assert_trace_headers(response)
 
 
