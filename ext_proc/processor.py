@@ -593,6 +593,7 @@ class Exchange:
             return
         await self.gateway.sessions.record_answer(
             proxy_id=self.proxy.id,
+            key_id=self.key.id,
             session_id=self.session_id,
             request_type=self.request_type,
             body=self.client_body if self.client_body is not None else self.body,

@@ -103,6 +103,7 @@ async def chat_turn(
     answer = {"role": "assistant", "content": f"answer to {text}", "refusal": None}
     await resolver.record_answer(
         proxy_id=proxy_id,
+        key_id=KEY,
         session_id=session.session_id,
         request_type=CHAT,
         body={"messages": messages},
@@ -119,6 +120,7 @@ async def responses_turn(resolver: SessionResolver, body: dict, output_text: str
     response_id = f"resp_{uuid.uuid4().hex}"
     await resolver.record_answer(
         proxy_id=PROXY,
+        key_id=KEY,
         session_id=session.session_id,
         request_type=RESPONSES,
         body=body,
@@ -149,6 +151,38 @@ def test_fingerprint_keeps_tool_calls():
     assert message_fingerprint(tool_reply) != message_fingerprint(
         [{"role": "tool", "content": "42"}]
     )
+
+
+def test_same_history_under_two_keys_kept_apart(backend):
+    system = {"role": "system", "content": "You greet people."}
+    greeting = {"role": "assistant", "content": "Hello! How can I help?"}
+
+    async def scenario():
+        resolver = backend.resolver()
+        first = {}
+        second = {}
+        for key_id in ("key-a", "key-b"):
+            body = {"messages": [system, {"role": "user", "content": "Hi"}]}
+            session = await resolve(resolver, body, key_id=key_id)
+            await resolver.record_answer(
+                proxy_id=PROXY, key_id=key_id, session_id=session.session_id,
+                request_type=CHAT, body=body, response_id=None, assistant_message=greeting,
+            )
+            first[key_id] = session
+        for key_id in ("key-a", "key-b"):
+            messages = [system, {"role": "user", "content": "Hi"}, greeting]
+            body = {"messages": [*messages, {"role": "user", "content": f"I am {key_id}"}]}
+            second[key_id] = await resolve(resolver, body, key_id=key_id)
+        await resolver.close()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+
+    assert first["key-a"].session_id != first["key-b"].session_id
+    for key_id in ("key-a", "key-b"):
+        assert second[key_id].session_id == first[key_id].session_id
+        assert second[key_id].source == SOURCE_FINGERPRINT
+        assert second[key_id].turn == 2
 
 
 def test_chat_turns_join_by_fingerprint(backend):
@@ -377,7 +411,8 @@ async def main(spec):
         results.append([session.session_id, session.turn, session.source])
     if spec["answer"] is not None:
         await resolver.record_answer(
-            proxy_id="proxy-a", session_id=results[-1][0], request_type="chat_completions",
+            proxy_id="proxy-a", key_id="key-1", session_id=results[-1][0],
+            request_type="chat_completions",
             body=body, response_id=None, assistant_message=spec["answer"],
         )
     await resolver.close()

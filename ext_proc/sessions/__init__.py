@@ -13,6 +13,7 @@ Usage, from a worker's event loop::
     ...  # forward the request, set X-Xenovia-Session-Id to session.session_id
     await resolver.record_answer(
         proxy_id=proxy_id,
+        key_id=key_id,
         session_id=session.session_id,
         request_type="chat_completions",
         body=request_json,

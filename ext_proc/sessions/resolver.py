@@ -5,8 +5,8 @@ The first rule that matches wins:
 1. the ``X-Xenovia-Session-Id`` header;
 2. the Responses API ``previous_response_id``, through the ids of responses recorded earlier;
 3. the ``user`` field, linked per API key to the session it first appeared in;
-4. the fingerprint of every message but the last, linked to the session whose answer
-   produced that history;
+4. the fingerprint of every message but the last, linked per API key to the session whose
+   answer produced that history (two clients whose conversations start alike stay apart);
 5. a new random UUID.
 
 All state is scoped by proxy id: the same session id or history on two proxies names two
@@ -176,6 +176,7 @@ class SessionResolver:
         self,
         *,
         proxy_id: str,
+        key_id: str,
         session_id: str,
         request_type: str,
         body: dict | None,
@@ -196,7 +197,9 @@ class SessionResolver:
                 proxy_id,
                 session_id,
                 response_ids=[response_id] if response_id else [],
-                fingerprint=_answer_fingerprint(request_type, body, assistant_message),
+                fingerprint=_scoped(
+                    key_id, _answer_fingerprint(request_type, body, assistant_message)
+                ),
             )
         except Exception as exc:  # noqa: BLE001 - runs after the response; must never raise
             self._errors.report("answer record", exc)
@@ -233,8 +236,14 @@ def _request_links(key_id: str, request_type: str, body: dict) -> _RequestLinks:
 
     fingerprint = None
     if request_type in _CONVERSATIONAL:
-        fingerprint = history_lookup_fingerprint(_request_messages(request_type, body))
+        history = _request_messages(request_type, body)
+        fingerprint = _scoped(key_id, history_lookup_fingerprint(history))
     return _RequestLinks(response_id, user_ref, fingerprint)
+
+
+def _scoped(key_id: str, fingerprint: str | None) -> str | None:
+    # The stored link names the key too, so only the client that recorded a history finds it.
+    return None if fingerprint is None else f"{key_id}:{fingerprint}"
 
 
 def _answer_fingerprint(
