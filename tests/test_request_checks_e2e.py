@@ -104,6 +104,17 @@ def _nested(depth: int) -> object:
     return value
 
 
+def _post_error(access, payload: dict, status: int) -> dict:
+    response = httpx.post(
+        access.base_url + "/chat/completions",
+        headers={"authorization": f"Bearer {access.key}"},
+        json=payload,
+        timeout=60,
+    )
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
 def test_body_too_deep_to_redact_rejected(gateway):
     # The parser accepts this depth, but redaction walks two stack frames per level.
     access = gateway.new_proxy("too-deep-to-redact")
@@ -114,15 +125,8 @@ def test_body_too_deep_to_redact_rejected(gateway):
         "metadata": {"x": _nested(600)},
     }
 
-    response = httpx.post(
-        access.base_url + "/chat/completions",
-        headers={"authorization": f"Bearer {access.key}"},
-        json=payload,
-        timeout=30,
-    )
+    error = _post_error(access, payload, 400)
 
-    assert response.status_code == 400
-    error = response.json()["error"]
     assert error["code"] == "invalid_json"
     assert "nested too deeply" in error["message"]
 
@@ -140,14 +144,7 @@ def test_request_flat_too_large_rejected(gateway, tmp_path):
         deep_list = [deep_list]
     payload = {"model": "gpt-4o-mini", "messages": MESSAGES, "metadata": {"x": deep_list}}
 
-    response = httpx.post(
-        access.base_url + "/chat/completions",
-        headers={"authorization": f"Bearer {access.key}"},
-        json=payload,
-        timeout=60,
-    )
+    error = _post_error(access, payload, 413)
 
-    assert response.status_code == 413
-    error = response.json()["error"]
     assert error["code"] == "request_too_large"
     assert "request_flat" in error["message"]
