@@ -116,6 +116,18 @@ def _reject_large_number(text: str) -> float:
     return value
 
 
+# regorus stores integers in 64 bits and reads larger ones as doubles, so a policy would
+# compare 2**64 as equal to 2**64 - 1 while the provider reads the exact digits.
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _reject_large_int(text: str) -> int:
+    value = int(text)
+    if value not in _INT_RANGE:
+        raise ValueError(f"integer {text[:40]} is out of the 64-bit range")
+    return value
+
+
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -123,8 +135,9 @@ def parse_json_body(body: bytes) -> dict:
     """Parse a request body; raise GatewayError 400 unless it is a strict JSON object.
 
     Strict means UTF-8 without a byte-order mark, no duplicate keys, no NaN or infinite
-    numbers and no unpaired surrogates: anything another JSON parser could read
-    differently from this one is rejected, because the body is forwarded as sent.
+    numbers, no integers beyond 64 bits and no unpaired surrogates: anything another JSON
+    parser (or the policy engine) could read differently from this one is rejected,
+    because the body is forwarded as sent.
     """
     if not body:
         raise GatewayError(400, errors.INVALID_JSON, "request body is empty; expected a JSON object")
@@ -136,6 +149,7 @@ def parse_json_body(body: bytes) -> dict:
             text,
             parse_constant=_reject_constant,
             parse_float=_reject_large_number,
+            parse_int=_reject_large_int,
             object_pairs_hook=_unique_keys,
         )
         if _SURROGATE_ESCAPE.search(body):

@@ -476,9 +476,14 @@ def test_oversized_body_gets_openai_413(gateway, access):
         '{"model":"m","messages":[{"role":"user","content":"\\ud800"}]}',
         '{"model":"m","tools":[],"tools":[],"messages":[]}',
         '{"model":"m","temperature":1e999,"messages":[]}',
+        '{"model":"m","seed":18446744073709551616,"messages":[]}',
+        '{"model":"m","seed":-9223372036854775809,"messages":[]}',
         "[" * 3000 + "]" * 3000,
     ],
-    ids=["lone-surrogate", "duplicate-key", "infinite-number", "deep-nesting"],
+    ids=[
+        "lone-surrogate", "duplicate-key", "infinite-number", "integer-beyond-64-bits",
+        "negative-integer-beyond-64-bits", "deep-nesting",
+    ],
 )
 def test_ambiguous_json_rejected(gateway, access, body):
     before = gateway.provider.request_count
