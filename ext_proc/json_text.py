@@ -5,7 +5,8 @@ ensure_ascii=False)`` for strings, integers within 64 bits, booleans, null, list
 string-keyed dicts, about ten times faster. Two differences matter here:
 
 - Integers beyond 64 bits raise in orjson, so ``compact`` falls back to the standard
-  library for them (request bodies may contain them, and are parsed exactly).
+  library for them. ``parse_json_body`` rejects them, so request values never take that
+  path; other callers may.
 - orjson writes NaN and infinities as ``null``, where the standard library writes ``NaN``,
   which is not JSON. Only pass values from ``openai_api.parse_json_body``, which rejects
   them, or values built from strings. Response documents are parsed by ``json.loads``,
