@@ -118,14 +118,15 @@ def _reject_large_number(text: str) -> float:
 
 # regorus stores integers in 64 bits and reads larger ones as doubles, so a policy would
 # compare 2**64 as equal to 2**64 - 1 while the provider reads the exact digits.
-_INT_RANGE = range(-(2**63), 2**64)
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
 
 
 def _reject_large_int(text: str) -> int:
-    value = int(text)
-    if value not in _INT_RANGE:
+    # 2**64 has 20 digits, so a longer integer is out of range before int() parses it.
+    if len(text) > 21 or not _INT_MIN <= int(text) <= _INT_MAX:
         raise ValueError(f"integer {text[:40]} is out of the 64-bit range")
-    return value
+    return int(text)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -521,15 +522,16 @@ def _strings_in(value: Any, skipped: frozenset[str]) -> list[str]:
 
 
 # Every leaf's key repeats its whole path, so a deep or wide body flattens into far more
-# text than it contains (an 800 KB body 300 levels deep gave 248 MB). Beyond this many key
-# characters in all, the policy input is not built and the request is rejected.
+# text than it contains (an 800 KB body 300 levels deep gave 248 MB). Beyond this many
+# characters of paths in all, the policy input is not built and the request is rejected.
 MAX_FLAT_KEY_CHARS = 16 * 1024 * 1024
 
 
 def flatten(document: Any) -> dict:
     """Flatten nested objects and lists to one level with dotted keys (``messages.0.role``).
 
-    Raises GatewayError 413 when the keys would exceed MAX_FLAT_KEY_CHARS characters.
+    Raises GatewayError 413 when the paths built, empty objects' included, would exceed
+    MAX_FLAT_KEY_CHARS characters in all.
     """
     out: dict = {}
     budget = [MAX_FLAT_KEY_CHARS]
@@ -543,8 +545,12 @@ def _flatten_into(document: Any, prefix: str, out: dict, budget: list[int]) -> N
     elif isinstance(document, list):
         items = enumerate(document)
     else:
-        key = prefix[:-1]
-        budget[0] -= len(key)
+        out[prefix[:-1]] = document
+        return
+    for key, value in items:
+        path = f"{prefix}{key}."
+        # Every path built is charged, an empty object's too, so the work stays bounded.
+        budget[0] -= len(path)
         if budget[0] < 0:
             raise GatewayError(
                 413, errors.REQUEST_TOO_LARGE,
@@ -552,7 +558,4 @@ def _flatten_into(document: Any, prefix: str, out: dict, budget: list[int]) -> N
                 f"that lists every value by its path: the paths would exceed "
                 f"{MAX_FLAT_KEY_CHARS:,} characters; send fewer or less deeply nested values",
             )
-        out[key] = document
-        return
-    for key, value in items:
-        _flatten_into(value, f"{prefix}{key}.", out, budget)
+        _flatten_into(value, path, out, budget)

@@ -2,6 +2,8 @@
 
 import pytest
 
+from ext_proc import openai_api
+from ext_proc.errors import GatewayError
 from ext_proc.openai_api import extract_fields
 from ext_proc.sessions.fingerprint import message_fingerprint, responses_messages
 
@@ -498,3 +500,19 @@ def test_object_content_read(request_type):
     fields = extract_fields(request_type, {key: [message]})
 
     assert fields.messages == [{"role": "user", "content": PHRASE}]
+
+
+def test_request_flat_charges_empty_containers():
+    # Each empty object still costs its path: 200 copies of a 100,000-character key.
+    body = {"x": {"k" * 100_000: [{}] * 200}}
+
+    with pytest.raises(GatewayError) as raised:
+        openai_api.flatten(body)
+
+    assert raised.value.status == 413
+
+
+def test_request_flat_keeps_leaves():
+    body = {"model": "m", "metadata": {"a": [1, {"b": None}], "empty": {}}}
+
+    assert openai_api.flatten(body) == {"model": "m", "metadata.a.0": 1, "metadata.a.1.b": None}
