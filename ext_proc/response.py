@@ -230,9 +230,13 @@ class ResponseHandler(StreamBodies):
 
     def _on_error_body(self, body: bytes) -> msgs.ProcessingResponse:
         """Pass OpenAI-shaped provider errors through; wrap anything else in that shape."""
+        governed = self.exchange.proxy is not None and self._response_engine() is not None
         try:
-            document = parse_provider_json(body)
-        except ValueError:
+            # A governed error body may be redacted and encoded again, which NaN or an
+            # unpaired surrogate would break, so only strict JSON is read as JSON then.
+            # Otherwise the body passes as sent, whatever a lenient parser reads in it.
+            document = parse_provider_json(body) if governed else json.loads(body)
+        except (ValueError, RecursionError):
             document = None
         error = document.get("error") if isinstance(document, dict) else None
         if isinstance(error, dict) and error.get("type") == errors.GATEWAY_ERROR:

@@ -358,3 +358,14 @@ def test_usage_beyond_token_column_traced(gateway, proxies):
     assert trace["tokens_in"] is None
     assert trace["tokens_out"] == 2
     assert trace["messages"]
+
+
+def test_lenient_json_error_passes_without_policy(proxies):
+    body = b'{"error":{"message":"bad","type":"invalid_request_error","code":null,"param":NaN}}'
+    answer_with(400, {"content-type": "application/json", "x-request-id": "req_provider1"}, body)
+
+    response = post(proxies["open"])
+
+    assert response.status_code == 400
+    assert response.content == body
+    assert response.headers["x-request-id"] == "req_provider1"
