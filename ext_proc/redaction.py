@@ -37,7 +37,7 @@ _EMAIL_RE = re.compile(
     + r")"
     + _EMAIL_ADDRESS
 )
-# An address that follows another one, joined only by characters a local part may hold
+# An address that follows another one, joined only by characters a local part may contain
 # ("a@b.co.x@d.io"), starts after those characters: the look-behind above rejects it.
 _EMAIL_AFTER_ADDRESS_RE = re.compile(_EMAIL_ADDRESS)
 _ADDRESS_JOINERS = frozenset("._%+-")
@@ -110,9 +110,25 @@ def _email_spans(text: str) -> list[tuple[int, int]]:
         if match is None:
             match = _first_email_match(text, start, at)
         if match is not None:
-            spans.append(match.span())
+            start = _start_with_joined_local_part(text, match.start(), previous_end)
+            spans.append((start, match.end()))
             position = previous_end = match.end()
     return spans
+
+
+def _start_with_joined_local_part(text: str, start: int, floor: int) -> int:
+    # In "a@b.co-c@d.io" the look-ahead rejects "a@b.co" (a domain label may go on with
+    # "-"), so the match is "b.co-c@d.io". The "a@" before it is part of the same text
+    # and would leave the first local part readable, so the span takes it in.
+    floor = max(floor, 0)
+    if start - 2 < floor or text[start - 1] != "@":
+        return start
+    if text[start - 2] not in _LOCAL_PART_CHARACTERS:
+        return start
+    first = start - 2
+    while first > floor and text[first - 1] in _LOCAL_PART_CHARACTERS:
+        first -= 1
+    return first
 
 
 def _email_after_address(text: str, start: int, at: int) -> re.Match | None:
