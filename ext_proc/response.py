@@ -153,7 +153,11 @@ class ResponseHandler(StreamBodies):
 
     def on_cancel(self) -> None:
         if self.is_stream and self.stream_completed is None:
-            self.stream_completed = False
+            # Unheld events pass as they come, so a stream whose end the service had already
+            # seen (the [DONE] event) reached the client whole, even if the side stream
+            # closed before Envoy's end-of-stream message came. A held stream was not released.
+            released = self.stream_mode in ("none", "live")
+            self.stream_completed = released and self._stream_done()
         if self._live_redactor is not None:
             self._redact_output(self._live_redactor.kinds)
 
