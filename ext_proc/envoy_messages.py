@@ -59,7 +59,7 @@ class Mutation:
 
     def write_to(self, common: ext_proc_pb2.CommonResponse) -> None:
         """Write this mutation into ``common``, a reply's CommonResponse, in place."""
-        # An empty CommonResponse must still be present: it is what makes the reply's oneof set.
+        # An empty CommonResponse must still be present, because its presence sets the oneof.
         common.SetInParent()
         if self.clear_route_cache:
             common.clear_route_cache = True

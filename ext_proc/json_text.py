@@ -9,8 +9,9 @@ string-keyed dicts, about ten times faster. Two differences matter here:
   path; other callers may.
 - orjson writes NaN and infinities as ``null``, where the standard library writes ``NaN``,
   which is not JSON. Only pass values from ``openai_api.parse_json_body``, which rejects
-  them, or values built from strings. Response documents are parsed by ``json.loads``,
-  which accepts NaN, so they are encoded with the standard library.
+  them, or values built from strings. The policy input's ``output`` is encoded with the
+  standard library, because tool-call arguments in it are parsed by ``json.loads``, which
+  accepts NaN.
 
 Floats can be spelt differently (``1e-7`` for the standard library's ``1e-07``): the same
 number either way.

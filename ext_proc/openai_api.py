@@ -124,9 +124,10 @@ _INT_MAX = 2**64 - 1
 
 def _reject_large_int(text: str) -> int:
     # 2**64 has 20 digits, so a longer integer is out of range before int() parses it.
-    if len(text) > 21 or not _INT_MIN <= int(text) <= _INT_MAX:
+    value = int(text) if len(text) <= 21 else None
+    if value is None or not _INT_MIN <= value <= _INT_MAX:
         raise ValueError(f"integer {text[:40]} is out of the 64-bit range")
-    return int(text)
+    return value
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

@@ -557,8 +557,8 @@ class Exchange:
         if request_keys is None and (required is None or "request" in required) and self.body_text:
             text = text[:-1] + ',"request":' + self.body_text + "}"
         if stage == "response" and (required is None or "output" in required):
-            # The output comes from the provider's answer, which may contain NaN: the standard
-            # library writes it as NaN, which the engine rejects, so the policy fails closed.
+            # Tool-call arguments in the output are parsed leniently and may contain NaN. The
+            # json module writes it as NaN, which the engine rejects, so the policy fails closed.
             output_text = json.dumps(output, separators=(",", ":"), ensure_ascii=False)
             text = text[:-1] + ',"output":' + output_text + "}"
         return text

@@ -153,9 +153,9 @@ class ResponseHandler(StreamBodies):
 
     def on_cancel(self) -> None:
         if self.is_stream and self.stream_completed is None:
-            # Unheld events pass as they come, so a stream whose end the service had already
-            # seen (the [DONE] event) reached the client whole, even if the side stream
-            # closed before Envoy's end-of-stream message came. A held stream was not released.
+            # Events that are not held pass as they come, so once the service has seen the
+            # stream's end (the [DONE] event) the whole stream was passed on, even if the side
+            # stream closed before Envoy's end-of-stream message. A held one was never released.
             released = self.stream_mode in ("none", "live")
             self.stream_completed = released and self._stream_done()
         if self._live_redactor is not None:

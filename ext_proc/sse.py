@@ -28,8 +28,8 @@ class SseEvent:
         try:
             value = parse_provider_json(self.data)
         except ValueError:
-            # Unreadable (NaN, an unpaired surrogate, nested too deeply, not JSON at all):
-            # fails closed under a policy.
+            # An unreadable event (NaN, an unpaired surrogate, nesting too deep, not JSON)
+            # makes a governed stream fail closed.
             return None
         return value if isinstance(value, dict) else None
 
